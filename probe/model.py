@@ -1,0 +1,378 @@
+"""A small hooked decoder-only transformer with an exact key/value prefix path.
+
+Readable in one sitting (after nanoGPT), with TransformerLens's hook names and weight layout so
+``run_with_cache`` and ``ActivationCache`` work as TransformerLens users expect:
+
+    hook_embed, hook_pos_embed
+    blocks.{l}.hook_resid_pre / hook_attn_out / hook_resid_mid / hook_mlp_out / hook_resid_post
+    blocks.{l}.ln1.hook_scale / hook_normalized, blocks.{l}.ln2.*, ln_final.*
+    blocks.{l}.attn.hook_q / hook_k / hook_v          [batch, pos, head, d_head]   (content only)
+    blocks.{l}.attn.hook_prefix_k / hook_prefix_v     [batch, P, head, d_head]     (with a prefix)
+    blocks.{l}.attn.hook_attn_scores / hook_pattern   [batch, head, query_pos, P + key_pos]
+    blocks.{l}.attn.hook_z                            [batch, pos, head, d_head]
+    blocks.{l}.mlp.hook_pre / hook_post               [batch, pos, d_mlp]
+
+The one mechanism every tuning method reduces to is the per-layer prefix: P extra key/value
+positions per head, placed before the content keys. Prefix positions take no positional slot, so
+content positions stay 0..T-1 and content queries/keys are identical with and without a prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import einsum
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from probe import io
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and options of a model; validated when built.
+
+    ``d_mlp=0`` makes the model attention-only; ``attn_ln=False`` drops the pre-attention
+    LayerNorm (the paper's 02 model). ``n_ctx`` counts content positions only: prefixes and soft
+    prompts take no positional slot, and are capped by ``max_prefix`` instead.
+    """
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_vocab: int = 11
+    n_ctx: int = 20
+    d_mlp: int | None = None  # None -> 4 * d_model
+    attn_ln: bool = True
+    dropout: float = 0.1
+    max_prefix: int = 256
+
+    def __post_init__(self):
+        for name in ("n_layers", "n_heads", "d_model", "d_vocab", "n_ctx", "max_prefix"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(
+                    f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}"
+                )
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "d_model must equal n_heads * d_head, so pick d_model as a multiple of n_heads."
+            )
+        if self.d_mlp is None:
+            object.__setattr__(self, "d_mlp", 4 * self.d_model)
+        if self.d_mlp < 0:
+            raise ValueError(
+                f"ModelConfig.d_mlp must be >= 0 (0 = attention-only), got {self.d_mlp}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(
+                f"ModelConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**d)
+
+
+# The paper's minGPT models (1 / 1 / 4 layers). "tiny" is for tests and the smoke profile.
+PRESETS: dict[str, ModelConfig] = {
+    "01": ModelConfig(n_layers=1, n_heads=1, d_model=96),
+    "02": ModelConfig(n_layers=1, n_heads=4, d_model=256, attn_ln=False),
+    "03": ModelConfig(n_layers=4, n_heads=4, d_model=256),
+    "tiny": ModelConfig(n_layers=2, n_heads=2, d_model=32),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named preset, optionally with fields overridden (``preset("01", dropout=0.0)``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name].to_dict(), **overrides})
+
+
+class KVPrefix(NamedTuple):
+    """One layer's prefix: P key and value positions per head.
+
+    keys, values: [P, n_heads, d_head], or [batch, P, n_heads, d_head] for per-example prefixes.
+    """
+
+    keys: Tensor
+    values: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[-3]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with TransformerLens's hooks (``hook_scale`` [..., 1], ``hook_normalized``)."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale) * self.w + self.b
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention with an optional key/value prefix (TransformerLens layout)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.W_Q = nn.Parameter(torch.empty(h, d, e))
+        self.W_K = nn.Parameter(torch.empty(h, d, e))
+        self.W_V = nn.Parameter(torch.empty(h, d, e))
+        self.W_O = nn.Parameter(torch.empty(h, e, d))
+        self.b_Q = nn.Parameter(torch.zeros(h, e))
+        self.b_K = nn.Parameter(torch.zeros(h, e))
+        self.b_V = nn.Parameter(torch.zeros(h, e))
+        self.b_O = nn.Parameter(torch.zeros(d))
+        for name in ("q", "k", "v", "prefix_k", "prefix_v", "attn_scores", "pattern", "z"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def keys_values(
+        self, x: Float[Tensor, "... pos d_model"]
+    ) -> tuple[Float[Tensor, "... pos head d_head"], Float[Tensor, "... pos head d_head"]]:
+        """This head's keys and values of (already normalised) residual vectors ``x``."""
+        k = einsum(x, self.W_K, "... p d, h d e -> ... p h e") + self.b_K
+        v = einsum(x, self.W_V, "... p d, h d e -> ... p h e") + self.b_V
+        return k, v
+
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], prefix: KVPrefix | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        batch, T, _ = x.shape
+        q = self.hook_q(einsum(x, self.W_Q, "b p d, h d e -> b p h e") + self.b_Q)
+        k, v = self.keys_values(x)
+        k, v = self.hook_k(k), self.hook_v(v)
+        P = 0
+        if prefix is not None:
+            P = prefix.length
+            shape = (batch, P, self.cfg.n_heads, self.cfg.d_head)
+            k = torch.cat([self.hook_prefix_k(prefix.keys.expand(shape)), k], dim=1)
+            v = torch.cat([self.hook_prefix_v(prefix.values.expand(shape)), v], dim=1)
+        # Query t sees every prefix column and content columns 0..t.
+        allowed = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+        p_drop = self.cfg.dropout if self.training else 0.0
+
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+            scores = einsum(q, k, "b q h e, b k h e -> b h q k") / math.sqrt(self.cfg.d_head)
+            scores = self.hook_attn_scores(scores.masked_fill(~allowed, float("-inf")))
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            pattern = F.dropout(pattern, p_drop, self.training)
+            z = einsum(pattern, v, "b h q k, b k h e -> b q h e")
+        else:  # Fused kernel: same maths, used when nobody is looking at the pattern.
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, p_drop
+            ).transpose(1, 2)
+        z = self.hook_z(z)
+        return einsum(z, self.W_O, "b p h e, h e d -> b p d") + self.b_O
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(x @ self.W_in + self.b_in)
+        return self.hook_post(F.gelu(pre, approximate="tanh")) @ self.W_out + self.b_out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.d_model) if cfg.attn_ln else nn.Identity()
+        self.attn = Attention(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ln2 = LayerNorm(cfg.d_model) if cfg.d_mlp else None
+        self.mlp = MLP(cfg) if cfg.d_mlp else None
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], prefix: KVPrefix | None = None):
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix))))
+        if self.mlp is not None:
+            x = x + self.hook_mlp_out(self.drop(self.mlp(self.ln2(x))))
+        return self.hook_resid_post(x)
+
+
+class Transformer(HookedRootModule):
+    """Decoder-only transformer: embed + learned positions, blocks, final LayerNorm, unembed.
+
+    ``model(tokens, prefix=..., prompt=...)`` returns logits [batch, T, d_vocab] for the content
+    tokens. ``prefix`` is a per-layer list of :class:`KVPrefix` (or None for a layer without one);
+    ``prompt`` is a soft prompt [P, d_model] (or [batch, P, d_model]) prepended to the embedded
+    content at the input only, taking no positional slot; with a prompt, residual-stream hooks
+    have P + T positions, prompt first, and only the content's logits are returned.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg.d_model)
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.init_weights()
+        self.setup()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None):
+        """GPT-2 initialisation: N(0, 0.02), output projections scaled by 1/sqrt(2 n_layers)."""
+        for name, p in self.named_parameters():
+            if name.endswith(("W_O", "W_out")):
+                p.normal_(0.0, 0.02 / math.sqrt(2 * self.cfg.n_layers), generator=generator)
+            elif name.split(".")[-1].startswith("W_"):
+                p.normal_(0.0, 0.02, generator=generator)
+
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        prefix: Sequence[KVPrefix | None] | None = None,
+        prompt: Float[Tensor, "... P d_model"] | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        self.check_inputs(tokens, prefix, prompt)
+        batch, T = tokens.shape
+        x = self.hook_embed(F.embedding(tokens, self.W_E)) + self.hook_pos_embed(self.W_pos[:T])
+        P = 0
+        if prompt is not None:
+            P = prompt.shape[-2]
+            x = torch.cat([prompt.expand(batch, P, self.cfg.d_model), x], dim=1)
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, prefix[layer] if prefix is not None else None)
+        return self.ln_final(x[:, P:]) @ self.W_U
+
+    def check_inputs(self, tokens, prefix, prompt):
+        """Raise a ValueError naming the field and the fix for any input the model cannot take."""
+        cfg = self.cfg
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
+            got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an integer tensor [batch, pos]; got {got}")
+        if tokens.shape[1] > cfg.n_ctx:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={cfg.n_ctx}; "
+                "shorten the sequence or build the model with a larger n_ctx"
+            )
+        if tokens.numel() and (int(tokens.max()) >= cfg.d_vocab or int(tokens.min()) < 0):
+            raise ValueError(
+                f"token ids must be in [0, d_vocab={cfg.d_vocab}); got range "
+                f"[{int(tokens.min())}, {int(tokens.max())}]; use a model with a larger d_vocab"
+            )
+        if prefix is not None:
+            if len(prefix) != cfg.n_layers:
+                raise ValueError(
+                    f"prefix must have one entry per layer ({cfg.n_layers}), got {len(prefix)}; "
+                    "use None for layers without a prefix"
+                )
+            want = (cfg.n_heads, cfg.d_head)
+            for layer, p in enumerate(prefix):
+                if p is None:
+                    continue
+                for part in (p.keys, p.values):
+                    if part.ndim not in (3, 4) or tuple(part.shape[-2:]) != want:
+                        raise ValueError(
+                            f"prefix[{layer}] has shape {tuple(part.shape)}; expected "
+                            f"[P, n_heads={want[0]}, d_head={want[1]}] or [batch, P, ...]"
+                        )
+                if p.keys.shape != p.values.shape:
+                    raise ValueError(
+                        f"prefix[{layer}]: keys {tuple(p.keys.shape)} and values "
+                        f"{tuple(p.values.shape)} must have the same shape"
+                    )
+                if p.length > cfg.max_prefix:
+                    raise ValueError(
+                        f"prefix[{layer}] has P={p.length} positions, more than "
+                        f"max_prefix={cfg.max_prefix}; use a shorter prefix or raise max_prefix"
+                    )
+        if prompt is not None:
+            if prompt.ndim not in (2, 3) or prompt.shape[-1] != cfg.d_model:
+                raise ValueError(
+                    f"prompt has shape {tuple(prompt.shape)}; expected "
+                    f"[P, d_model={cfg.d_model}] or [batch, P, d_model]"
+                )
+            if prompt.shape[-2] > cfg.max_prefix:
+                raise ValueError(
+                    f"prompt has P={prompt.shape[-2]} positions, more than "
+                    f"max_prefix={cfg.max_prefix}; shorten it or raise max_prefix"
+                )
+
+    def run_with_cache(self, *args, **kwargs) -> tuple[Tensor, ActivationCache]:
+        """Like TransformerLens: logits and an :class:`ActivationCache` of every hook."""
+        logits, cache = super().run_with_cache(*args, **kwargs)
+        return logits, ActivationCache(cache, self)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_E.device
+
+    def fingerprint(self) -> str:
+        """Short hash of the weights; adapters record it and refuse another base model."""
+        return io.fingerprint(self.state_dict())
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/model.safetensors`` and ``path/config.json`` atomically."""
+        meta = {
+            "format": "prefix-probe-model/1",
+            "config": self.cfg.to_dict(),
+            "fingerprint": self.fingerprint(),
+        }
+        return io.save_dir(path, {"model.safetensors": self.state_dict()}, {"config.json": meta})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Transformer:
+        """Load a model saved by :meth:`save`; verifies the weights against the fingerprint."""
+        path = Path(path)
+        meta = io.read_json(path / "config.json", expect_format="prefix-probe-model/1")
+        state = io.load_tensors(path / "model.safetensors")
+        if io.fingerprint(state) != meta["fingerprint"]:
+            raise io.CorruptFileError(
+                f"{path}: weights do not match the fingerprint in config.json; the files are "
+                "corrupt or from different saves. Re-save the model."
+            )
+        model = cls(ModelConfig.from_dict(meta["config"])).to(state["W_E"].dtype)
+        io.load_state(model, state, path / "model.safetensors")
+        return model.to(device)
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

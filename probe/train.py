@@ -1,0 +1,175 @@
+"""One training loop for every tuning method, plus exact-match evaluation.
+
+A method is just (a forward function, the parameters it trains). Pretraining passes the model
+itself; adapters pass their own forward over a frozen base and only their parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tasks import Task, test_set
+
+Forward = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos d_vocab"]]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; nothing was saved."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (AdamW, linear warm-up then cosine decay to 10%)."""
+
+    steps: int = 1000
+    lr: float = 3e-3
+    batch_size: int = 64
+    warmup: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_size: int = 3200
+    target_accuracy: float | None = None  # stop early once held-out exact match reaches it
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.warmup < 0:
+            raise ValueError(f"TrainConfig.warmup must be >= 0, got {self.warmup}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ValueError(
+                f"TrainConfig.target_accuracy is a fraction in (0, 1], got {self.target_accuracy}"
+            )
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    accuracy: float  # held-out exact match at the end
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "accuracy"} per eval
+
+
+def output_logits(forward: Forward, tokens: Int[Tensor, "batch seq"], task: Task) -> Tensor:
+    """Logits at the positions that predict the output tokens: [batch, output_len, d_vocab].
+
+    The model reads tokens[:, :-1]; position input_len - 1 + i predicts output token i.
+    """
+    logits = forward(tokens[:, :-1])
+    return logits[:, task.input_len - 1 :]
+
+
+@torch.no_grad()
+def evaluate(forward: Forward, task: Task, n: int = 3200, seed: int = 0, device="cpu") -> float:
+    """Exact-match accuracy of the greedy decode on the fixed held-out test set.
+
+    For a deterministic target, greedy decoding is exactly right iff the argmax is right at every
+    output position under teacher forcing (the first wrong token is where both diverge), so one
+    forward pass replaces output_len decoding steps. ``generate`` keeps the slow path to test it.
+    """
+    batch = test_set(task, n, seed).to(device)
+    predictions = output_logits(forward, batch.tokens, task).argmax(-1)
+    return (predictions == batch.targets).all(-1).float().mean().item()
+
+
+@torch.no_grad()
+def generate(forward: Forward, inputs: Int[Tensor, "batch in_len"], n_new: int) -> Tensor:
+    """Greedy autoregressive decode: returns the n_new generated tokens [batch, n_new]."""
+    tokens = inputs
+    for _ in range(n_new):
+        next_token = forward(tokens)[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens[:, inputs.shape[1] :]
+
+
+def train(
+    forward: Forward,
+    params: Iterable[nn.Parameter],
+    task: Task,
+    cfg: TrainConfig,
+    modules: Iterable[nn.Module] = (),
+) -> TrainResult:
+    """Train ``params`` so that ``forward`` solves ``task``; loss on output positions only.
+
+    ``modules`` are put in train mode while stepping (dropout) and eval mode to evaluate.
+    Deterministic given ``cfg.seed``. Raises :class:`TrainingDiverged` on a non-finite loss.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("train() got no trainable parameters; check requires_grad")
+    modules = list(modules)
+    torch.manual_seed(cfg.seed)  # dropout
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+    )
+
+    def set_mode(training: bool):
+        for m in modules:
+            m.train(training)
+
+    def held_out() -> float:
+        set_mode(False)
+        acc = evaluate(forward, task, cfg.eval_size, device=cfg.device)
+        set_mode(True)
+        return acc
+
+    history: list[dict] = []
+    start = time.perf_counter()
+    set_mode(True)
+    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc=task.name, leave=False)
+    step, accuracy = 0, None
+    for step in bar:
+        for group in optimiser.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        batch = task.batch(cfg.batch_size, "train", data_rng).to(cfg.device)
+        logits = output_logits(forward, batch.tokens, task)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+        if not torch.isfinite(loss):
+            set_mode(False)
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {step} (lr {cfg.lr_at(step):.2e}); "
+                "lower the learning rate or clip gradients harder. Nothing was saved."
+            )
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimiser.step()
+
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            accuracy = held_out()
+            history.append({"step": step + 1, "loss": loss.item(), "accuracy": accuracy})
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.1%}")
+            if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy:
+                break
+    bar.close()
+    set_mode(False)
+    return TrainResult(step + 1, accuracy, time.perf_counter() - start, history)

@@ -1,0 +1,138 @@
+"""The training loop, evaluation and the ``probe pretrain`` command."""
+
+import pytest
+import torch
+
+from probe.cli import check_fits, main, pretrain
+from probe.model import Transformer, preset
+from probe.train import TrainConfig, TrainingDiverged, evaluate, generate, output_logits, train
+from tasks import Task, get_task, test_set
+
+QUICK = TrainConfig(steps=150, lr=1e-2, batch_size=64, eval_every=50, eval_size=256, progress=False)
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Transformer(preset("tiny", **overrides))
+
+
+@pytest.fixture(scope="module")
+def half_trained():
+    """A tiny model part-way through learning sort_asc: some rows right, some wrong."""
+    model = tiny()
+    pretrain(get_task("sort_asc"), model, QUICK)
+    return model.eval()
+
+
+def test_training_is_deterministic_given_seeds():
+    results, weights = [], []
+    for _ in range(2):
+        model = tiny()
+        results.append(pretrain(get_task("copy"), model, QUICK))
+        weights.append(model.fingerprint())
+    assert weights[0] == weights[1]
+    assert results[0].history == results[1].history
+
+
+def test_training_learns(half_trained):
+    acc = evaluate(half_trained, get_task("sort_asc"), n=512)
+    assert 0.05 < acc < 1.0  # learned something, and the evaluation below has both outcomes
+
+
+def test_fast_evaluation_equals_generate(half_trained):
+    task = get_task("sort_asc")
+    batch = test_set(task, 512)
+    generated = generate(half_trained, batch.inputs, task.output_len)
+    slow = (generated == batch.targets).all(-1)
+    fast = (output_logits(half_trained, batch.tokens, task).argmax(-1) == batch.targets).all(-1)
+    assert torch.equal(fast, slow)
+    assert 0 < slow.sum() < len(slow)
+    assert evaluate(half_trained, task, n=512) == pytest.approx(slow.float().mean().item())
+
+
+def test_only_given_parameters_move():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, [model.W_U], get_task("copy"), TrainConfig(steps=5, progress=False), [model])
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"W_U"}
+
+
+def test_early_stop_at_target_accuracy():
+    model = tiny()
+    cfg = TrainConfig(
+        steps=2000, lr=1e-2, eval_every=25, eval_size=256, target_accuracy=0.2, progress=False
+    )
+    result = pretrain(get_task("copy"), model, cfg)
+    assert result.steps < 2000 and result.accuracy >= 0.2
+
+
+def test_non_finite_loss_raises_and_cli_saves_nothing(tmp_path, capsys):
+    model = tiny()
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        train(
+            lambda t: model(t) * float("nan"),
+            model.parameters(),
+            get_task("copy"),
+            TrainConfig(steps=3, progress=False),
+        )
+    out = tmp_path / "diverged"
+    code = main(
+        [
+            "pretrain",
+            "--task",
+            "copy",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--lr",
+            "1e30",
+            "--no-progress",
+        ]
+    )
+    assert code != 0 and not out.exists()
+    assert "loss is" in capsys.readouterr().err
+
+
+def test_pretrain_cli_trains_saves_and_reports(tmp_path, capsys):
+    out = tmp_path / "base"
+    code = main(
+        [
+            "pretrain",
+            "--task",
+            "copy",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            "--steps",
+            "20",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    report = capsys.readouterr().out
+    assert "held-out exact match" in report and "parameters" in report
+    assert Transformer.load(out).cfg == preset("tiny")
+
+
+def test_task_that_does_not_fit_the_model_is_refused(capsys):
+    small = Transformer(preset("tiny", d_vocab=8))
+    with pytest.raises(ValueError, match="d_vocab >= 10"):
+        check_fits(small, get_task("add2"))
+    long_task = Task("long_copy", lambda x: x, vocab_size=8, input_len=15, output_len=15)
+    with pytest.raises(ValueError, match="n_ctx >= 29"):
+        check_fits(small, long_task)
+    assert main(["pretrain", "--task", "nope", "--out", "x", "--steps", "1"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="target_accuracy"):
+        TrainConfig(target_accuracy=90)
