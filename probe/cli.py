@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
+from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
 from probe.model import PRESETS, Transformer, preset
-from probe.train import TrainConfig, TrainingDiverged, train
+from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, train
 from tasks import Task, get_task, list_tasks
-
-
-def check_fits(model: Transformer, task: Task) -> None:
-    """Refuse a task the model cannot represent, naming the field and the fix."""
-    cfg = model.cfg
-    if task.vocab_size > cfg.d_vocab:
-        raise ValueError(
-            f"task {task.name!r} uses {task.vocab_size} token ids but the model's d_vocab is "
-            f"{cfg.d_vocab}; build the model with d_vocab >= {task.vocab_size}"
-        )
-    if task.seq_len - 1 > cfg.n_ctx:
-        raise ValueError(
-            f"task {task.name!r} needs {task.seq_len - 1} positions but the model's n_ctx is "
-            f"{cfg.n_ctx}; build the model with n_ctx >= {task.seq_len - 1}"
-        )
 
 
 def pretrain(task: Task, model: Transformer, cfg: TrainConfig):
@@ -36,7 +23,14 @@ def pretrain(task: Task, model: Transformer, cfg: TrainConfig):
 
 def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size: int):
     p.add_argument("--steps", type=int, default=steps, help="optimiser steps (default %(default)s)")
-    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (default %(default)s)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=lr,
+        help="peak learning rate (default %(default)s)"
+        if lr
+        else "peak learning rate (default: the method's, see probe.adapters.DEFAULT_LR)",
+    )
     p.add_argument("--batch-size", type=int, default=batch_size, help="default %(default)s")
     p.add_argument("--seed", type=int, default=0, help="data, dropout and init seed")
     p.add_argument(
@@ -49,10 +43,10 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def train_config(args) -> TrainConfig:
+def train_config(args, lr: float | None = None) -> TrainConfig:
     return TrainConfig(
         steps=args.steps,
-        lr=args.lr,
+        lr=args.lr or lr,
         batch_size=args.batch_size,
         seed=args.seed,
         target_accuracy=args.target_accuracy,
@@ -82,6 +76,107 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    base = Transformer.load(args.base, args.device)
+    task = get_task(args.task)
+    hparams = {k: v for k, v in (("length", args.length), ("rank", args.rank)) if v is not None}
+    if args.targets:
+        hparams["targets"] = args.targets.split(",")
+    if args.init:
+        hparams["init"] = args.init
+    cfg = train_config(args, DEFAULT_LR[args.method])
+    adapter, result = tune(base, task, args.method, cfg, **hparams)
+    adapter.save(args.out, base)
+    print(
+        f"tuned {args.method} ({adapter.n_params:,} parameters, {adapter.share(base):.2%} of the "
+        f"base) on {task.name}: held-out exact match {result.accuracy:.2%} after "
+        f"{result.steps} steps in {result.seconds:.1f} s -> {args.out}"
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    base = Transformer.load(args.base, args.device).eval()
+    tuned = Tuned(base)
+    for path in args.adapter:
+        tuned.add(Path(path).name, load_adapter(path, base))
+    tasks = [get_task(name) for name in args.task]
+    for task in tasks:
+        check_fits(base, task)
+    width = max([8, *(len(n) for n in tuned.adapters)])
+    print(f"{'adapter':{width}s}  " + "  ".join(f"{t.name:>13s}" for t in tasks))
+    for name in [None, *tuned.adapters]:
+        tuned.use(name).eval()
+        accs = [evaluate(tuned, t, args.n, device=args.device) for t in tasks]
+        print(f"{name or '(base)':{width}s}  " + "  ".join(f"{a:13.2%}" for a in accs))
+    return 0
+
+
+def cmd_check_theorem(args) -> int:
+    """Check the attention-bias theorem on a base model with an adapter or a fine-tuned copy."""
+    from pathlib import Path
+
+    from probe import probes
+    from probe.adapters import Tuned, load_adapter
+    from tasks import test_set
+
+    base = Transformer.load(args.base, args.device).eval()
+    if args.dtype:
+        base = base.to(getattr(torch, args.dtype))
+    task = get_task(args.task)
+    check_fits(base, task)
+    tokens = test_set(task, args.n, args.seed).tokens[:, :-1].to(args.device)
+    _, base_cache = base.run_with_cache(tokens)
+    weights, prompt_len = {}, 0  # the tuned model's changed weights; soft prompt length
+    if args.adapter is None:
+        g = torch.Generator().manual_seed(args.seed)
+        prefix = probes.random_prefix(base_cache, base.cfg.n_layers, args.prefix_len, g)
+        _, cache = base.run_with_cache(tokens, prefix=prefix)
+        what = f"a random key/value prefix, P={args.prefix_len}"
+    elif (Path(args.adapter) / "config.json").exists():  # a saved Transformer: fine-tuned
+        tuned = Transformer.load(args.adapter, args.device).to(base.W_E.dtype).eval()
+        if tuned.cfg != base.cfg:
+            raise ValueError(f"{args.adapter} has another shape than the base model {args.base}")
+        _, cache = tuned.run_with_cache(tokens)
+        weights, what = dict(tuned.named_parameters()), "a fine-tuned model"
+    else:
+        adapter = load_adapter(args.adapter, base).to(base.W_E.dtype)
+        _, cache = Tuned(base).add("adapter", adapter).eval().run_with_cache(tokens)
+        weights, what = adapter.weights(base), f"a {adapter.method} adapter"
+        prompt = adapter.prompt(base)
+        prompt_len = 0 if prompt is None else prompt.shape[-2]
+    W_O = [weights.get(f"blocks.{i}.attn.W_O", b.attn.W_O) for i, b in enumerate(base.blocks)]
+    records = probes.records_from_cache(base, cache, W_O, prompt_len)
+    frozen = probes.frozen_head_layers(base, weights)
+    expected = [r.P > 0 and f for r, f in zip(records, frozen, strict=True)]
+    result = probes.check_theorem(
+        records, probes.records_from_cache(base, base_cache), expected, args.tol_factor
+    )
+
+    print(f"{args.base} with {what}: {args.n} {task.name} inputs, {base.W_E.dtype}")
+    print(
+        "layer head   P  alpha  pattern_err  z_err      (tol)      check  "
+        "local_tv_max  downstream_tv  rank/P (change)"
+    )
+    for row in result.rows():
+        check = "-"
+        if row["identity_expected"]:
+            bad = row["pattern_error"] > row["pattern_tol"] or row["z_error"] > row["z_tol"]
+            check = "FAIL" if bad or row["alpha_error"] > row["pattern_tol"] else "ok"
+        print(
+            f"{row['layer']:5d} {row['head']:4d} {row['P']:3d} {row['alpha_mean']:6.3f}  "
+            f"{row['pattern_error']:.2e}  {row['z_error']:.2e}  ({row['z_tol']:.1e})  "
+            f"{check:5s}  {row['local_tv_max']:12.2e}  {row['downstream_tv_mean']:13.2e}  "
+            f"{row['bias_rank']:3d}/{row['P']} ({row['change_rank']})"
+        )
+    failures = result.failures()
+    for line in failures:
+        print(f"identity failed: {line}")
+    if not any(expected):
+        print("no layer has a prefix and a frozen head, so no identity applies; drift only")
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +189,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to save the model to")
     add_train_args(p, steps=1500, lr=3e-3, batch_size=128)
     p.set_defaults(run=cmd_pretrain)
+
+    p = sub.add_parser("tune", help="tune an adapter on a frozen base model")
+    p.add_argument("--base", required=True, help="a model directory from `probe pretrain`")
+    p.add_argument("--task", required=True, help="a task name (see `probe tasks`)")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--length", type=int, help="prefix / prompt length P (default 1)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 1)")
+    p.add_argument("--targets", help="LoRA matrices, comma-separated (default W_Q,W_V)")
+    p.add_argument("--init", choices=["random", "vocab"], help="soft prompt initialisation")
+    p.add_argument("--out", required=True, help="directory to save the adapter to")
+    add_train_args(p, steps=600, lr=None, batch_size=64)
+    p.set_defaults(run=cmd_tune)
+
+    p = sub.add_parser("evaluate", help="accuracy table: adapters x tasks")
+    p.add_argument("--base", required=True, help="a model directory from `probe pretrain`")
+    p.add_argument("--adapter", action="append", default=[], help="adapter directory (repeat)")
+    p.add_argument("--task", nargs="+", required=True, help="task names")
+    p.add_argument("--n", type=int, default=3200, help="held-out samples (default 3200)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser(
+        "check-theorem",
+        help="verify the attention-bias identities; report local/downstream drift and bias rank",
+    )
+    p.add_argument("--base", required=True, help="a model directory from `probe pretrain`")
+    p.add_argument(
+        "--adapter",
+        help="an adapter directory, or a fine-tuned model directory (drift only); "
+        "default: a random key/value prefix",
+    )
+    p.add_argument("--task", default="sort_asc", help="inputs from this task's held-out set")
+    p.add_argument("--n", type=int, default=256, help="inputs (default %(default)s)")
+    p.add_argument("--prefix-len", type=int, default=4, help="random prefix P, no --adapter")
+    p.add_argument("--seed", type=int, default=0, help="inputs and random prefix seed")
+    p.add_argument("--dtype", choices=["float32", "float64"], help="default: the saved dtype")
+    p.add_argument(
+        "--tol-factor",
+        type=float,
+        default=16.0,
+        help="tolerance = factor x eps(dtype) x magnitudes (probe.probes.tolerances)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=cmd_check_theorem)
     return parser
 
 

@@ -72,6 +72,21 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # {"step", "loss", "accuracy"} per eval
 
 
+def check_fits(model, task: Task) -> None:
+    """Refuse a task the model cannot represent, naming the field and the fix."""
+    cfg = model.cfg
+    if task.vocab_size > cfg.d_vocab:
+        raise ValueError(
+            f"task {task.name!r} uses {task.vocab_size} token ids but the model's d_vocab is "
+            f"{cfg.d_vocab}; build the model with d_vocab >= {task.vocab_size}"
+        )
+    if task.seq_len - 1 > cfg.n_ctx:
+        raise ValueError(
+            f"task {task.name!r} needs {task.seq_len - 1} positions but the model's n_ctx is "
+            f"{cfg.n_ctx}; build the model with n_ctx >= {task.seq_len - 1}"
+        )
+
+
 def output_logits(forward: Forward, tokens: Int[Tensor, "batch seq"], task: Task) -> Tensor:
     """Logits at the positions that predict the output tokens: [batch, output_len, d_vocab].
 

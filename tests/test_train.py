@@ -3,9 +3,17 @@
 import pytest
 import torch
 
-from probe.cli import check_fits, main, pretrain
+from probe.cli import main, pretrain
 from probe.model import Transformer, preset
-from probe.train import TrainConfig, TrainingDiverged, evaluate, generate, output_logits, train
+from probe.train import (
+    TrainConfig,
+    TrainingDiverged,
+    check_fits,
+    evaluate,
+    generate,
+    output_logits,
+    train,
+)
 from tasks import Task, get_task, test_set
 
 QUICK = TrainConfig(steps=150, lr=1e-2, batch_size=64, eval_every=50, eval_size=256, progress=False)
