@@ -17,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tasks import Task, test_set
+from tasks import Batch, Task, test_set
 
 Forward = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos d_vocab"]]
 
@@ -40,6 +40,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_size: int = 3200
     target_accuracy: float | None = None  # stop early once held-out exact match reaches it
+    train_size: int | None = None  # None: fresh samples every step; n: a fixed set of n samples
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -50,6 +51,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError(f"TrainConfig.train_size must be >= 1 or None, got {self.train_size}")
         if self.warmup < 0:
             raise ValueError(f"TrainConfig.warmup must be >= 0, got {self.warmup}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
@@ -85,6 +88,13 @@ def check_fits(model, task: Task) -> None:
             f"task {task.name!r} needs {task.seq_len - 1} positions but the model's n_ctx is "
             f"{cfg.n_ctx}; build the model with n_ctx >= {task.seq_len - 1}"
         )
+
+
+def pretrain(task: Task, model, cfg: TrainConfig):
+    """Train every weight of ``model`` on ``task``; returns the TrainResult."""
+    check_fits(model, task)
+    model.to(cfg.device)
+    return train(model, model.parameters(), task, cfg, modules=[model])
 
 
 def output_logits(forward: Forward, tokens: Int[Tensor, "batch seq"], task: Task) -> Tensor:
@@ -156,6 +166,7 @@ def train(
         set_mode(True)
         return acc
 
+    pool = task.batch(cfg.train_size, "train", data_rng) if cfg.train_size else None
     history: list[dict] = []
     start = time.perf_counter()
     set_mode(True)
@@ -164,7 +175,11 @@ def train(
     for step in bar:
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr_at(step)
-        batch = task.batch(cfg.batch_size, "train", data_rng).to(cfg.device)
+        if pool is None:
+            batch = task.batch(cfg.batch_size, "train", data_rng).to(cfg.device)
+        else:
+            idx = torch.randint(0, cfg.train_size, (cfg.batch_size,), generator=data_rng)
+            batch = Batch(pool.inputs[idx], pool.targets[idx]).to(cfg.device)
         logits = output_logits(forward, batch.tokens, task)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
         if not torch.isfinite(loss):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from probe.cli import main, pretrain
+from probe.cli import main
 from probe.model import Transformer, preset
 from probe.train import (
     TrainConfig,
@@ -12,6 +12,7 @@ from probe.train import (
     evaluate,
     generate,
     output_logits,
+    pretrain,
     train,
 )
 from tasks import Task, get_task, test_set

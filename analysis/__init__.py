@@ -1,0 +1,1 @@
+"""Experiments as declarative run specs, a resumable runner, figures, tables and a claims ledger."""

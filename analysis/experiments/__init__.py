@@ -1,0 +1,5 @@
+"""The registry of experiments that ``probe reproduce`` runs, in report order."""
+
+from analysis.experiments import paper01
+
+EXPERIMENTS = {e.name: e for e in (paper01.EXPERIMENT,)}

@@ -1,0 +1,102 @@
+"""Plot helpers shared by the experiments: every axis labelled, every colour scale with a bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from analysis.runs import Run, Store  # noqa: E402
+from probe.adapters import Tuned  # noqa: E402
+
+plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.titlesize": 10})
+
+
+def patterns(store: Store, run: Run, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the attention pattern [head, T, P + T] of a finished run on one sequence."""
+    base = store.model(run).eval()
+    tuned = Tuned(base)
+    if run.method is not None:
+        tuned.add("a", store.adapter(run, base))
+    with torch.no_grad():
+        _, cache = tuned.run_with_cache(tokens[None], names_filter=lambda n: "hook_pattern" in n)
+    return [cache["pattern", layer][0] for layer in range(base.cfg.n_layers)]
+
+
+def renormalise_content(pattern: torch.Tensor, P: int) -> torch.Tensor:
+    """Drop the P prefix columns and renormalise each row over the content: [..., T, T]."""
+    content = pattern[..., P:]
+    return content / content.sum(-1, keepdim=True)
+
+
+def heatmap_grid(
+    panels: list[tuple[str, torch.Tensor, int]],
+    tokens: list[int],
+    path: Path,
+    title: str,
+    input_len: int,
+):
+    """One heatmap per panel (title, pattern [T, P + T], P), shared colour bar.
+
+    Rows are query positions, columns key positions (prefix columns first, labelled 'p');
+    tick labels are the tokens; lines separate prefix | input | output.
+    """
+    n = len(panels)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    image = None
+    for ax, (name, pattern, P) in zip(axes.flat, panels, strict=False):
+        T = pattern.shape[0]
+        image = ax.imshow(pattern.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(name)
+        ax.set_xticks(range(P + T), ["p"] * P + [str(t) for t in tokens[:T]], fontsize=6)
+        ax.set_yticks(range(T), [str(t) for t in tokens[:T]], fontsize=6)
+        ax.set_xlabel("key position (token)")
+        ax.set_ylabel("query position (token)")
+        for x in (P - 0.5, P + input_len - 0.5):
+            if x > 0:
+                ax.axvline(x, color="white", lw=0.8)
+        ax.axhline(input_len - 0.5, color="white", lw=0.8)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def bar_chart(
+    groups: list[str],
+    series: dict[str, list[list[float]]],
+    path: Path,
+    title: str,
+    ylabel: str = "held-out exact match (%)",
+):
+    """Grouped bars: for each series, per group, the mean over seeds with a min-max error bar.
+
+    ``series[name][g]`` holds the per-seed values (fractions) for group g; dots show each seed.
+    """
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(groups) * len(series) ** 0.5 + 2), 3.6))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        x = np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width
+        means = [100 * np.mean(v) for v in values]
+        lo = [m - 100 * min(v) for m, v in zip(means, values, strict=True)]
+        hi = [100 * max(v) - m for m, v in zip(means, values, strict=True)]
+        ax.bar(x, means, width, yerr=[lo, hi], capsize=2, label=name)
+        for xi, v in zip(x, values, strict=True):
+            ax.scatter([xi] * len(v), [100 * a for a in v], s=6, color="black", zorder=3)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=8, loc="best")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
