@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -594,6 +594,27 @@ def check_hf(
     input side (ln_1, c_attn) the tuned model left unchanged; ``result.ok``,
     ``result.failures()`` and ``result.rows()`` (one dict per layer and head) report them.
     """
+    return _check_hf(
+        base_model, tokens, prefix, tuned_model, position_offset, downstream, tol_factor, verify
+    ).result
+
+
+class HFCheck(NamedTuple):
+    """A :func:`check_hf` run with what it was computed from (what the CLI prints).
+
+    result: the TheoremCheck; what: a phrase naming the tuning; records: the tuned run's
+    per-layer AttentionRecords; frozen: per layer, whether ln_1/c_attn equal the base's.
+    """
+
+    result: TheoremCheck
+    what: str
+    records: list[AttentionRecord]
+    frozen: list[bool]
+
+
+def _check_hf(
+    base_model, tokens, prefix, tuned_model, position_offset, downstream, tol_factor, verify
+) -> HFCheck:
     from probe.probes import check_theorem
 
     require_hf()
@@ -603,7 +624,21 @@ def check_hf(
     base_records = _records(base, base, None, tokens, offset, verify) if downstream else None
     frozen = frozen_head_layers_hf(base, tuned)
     expected = [kv is not None and f for f in frozen]
-    return check_theorem(records, base_records, expected=expected, tol_factor=tol_factor)
+    result = check_theorem(records, base_records, expected=expected, tol_factor=tol_factor)
+    return HFCheck(result, _describe(prefix, base, tuned, kv), records, frozen)
+
+
+def _describe(prefix, base, tuned, kv) -> str:
+    parts = []
+    if _is_peft(prefix):
+        parts.append(f"a PEFT {_peft_type(prefix)} adapter, P={kv[0].length}")
+    elif kv is not None:
+        parts.append(f"a key/value prefix, P={kv[0].length}")
+    if tuned is not base:
+        mine, theirs = base.state_dict(), tuned.state_dict()
+        if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+            parts.append("changed weights")
+    return " and ".join(parts) or "the base model alone"
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
@@ -643,15 +678,18 @@ def load_dirs(
 
     Returns (base model, keyword arguments for :func:`hf_records` / :func:`check_hf`): a
     prefix/prompt-tuning adapter becomes ``prefix=``; a weight adapter (LoRA, ...) becomes
-    ``tuned_model=`` (merged into a copy of the base).
+    ``tuned_model=`` (merged into a copy of the base), and so does an HF model directory given
+    as ``adapter_dir`` (a fully fine-tuned model, loaded in the base's dtype).
     """
     base = load_hf_model(model_dir, dtype=dtype, device=device)
     if adapter_dir is None:
         return base, {}
+    if is_hf_model_dir(adapter_dir):  # a fully fine-tuned copy
+        return base, {"tuned_model": load_hf_model(adapter_dir, _dtype(base), device)}
     if not is_peft_adapter_dir(adapter_dir):
         raise FileNotFoundError(
-            f"{adapter_dir} is not a saved PEFT adapter directory (no adapter_config.json); "
-            "save one with peft_model.save_pretrained(dir)"
+            f"{adapter_dir} is neither a saved PEFT adapter directory (adapter_config.json) nor "
+            "a Hugging Face model directory; save one with model.save_pretrained(dir)"
         )
     adapted = load_peft_adapter(base, adapter_dir)
     if adapted.peft_config[adapted.active_adapter].is_prompt_learning:
@@ -701,31 +739,38 @@ def check_theorem_dirs(
     dtype: torch.dtype | None = None,
     device: str = "cpu",
     tol_factor: float = 16.0,
-) -> tuple[TheoremCheck, str]:
+) -> HFCheck:
     """What ``probe check-theorem --base HF_DIR [--adapter ADAPTER_DIR]`` runs.
 
     Without an adapter, a random key/value prefix of ``prefix_len`` positions per layer, in the
     range of the model's own keys and values (:func:`probe.probes.random_prefix`), seeded.
-    Returns (the :class:`~probe.probes.TheoremCheck`, a phrase saying what was checked).
+    Returns an :class:`HFCheck`: the TheoremCheck, a phrase saying what was checked, the tuned
+    run's records and which layers' heads are frozen.
     """
     from probe.probes import random_prefix
 
     base, kwargs = load_dirs(model_dir, adapter_dir, dtype, device)
+    what = None
     if adapter_dir is None:
         plain = hf_records(base, tokens)
         stats = {f"blocks.{r.layer}.attn.hook_{n}": getattr(r, n) for r in plain for n in "kv"}
         g = torch.Generator().manual_seed(seed)
         kwargs["prefix"] = random_prefix(stats, len(plain), prefix_len, g)
         what = f"a random key/value prefix, P={prefix_len}"
-    else:
-        adapter = kwargs.get("prefix", kwargs.get("tuned_model"))
-        kind = _peft_type(adapter)
-        what = f"a PEFT {kind} adapter" + ("" if "prefix" in kwargs else " (merged; drift only)")
-    result = check_hf(base, tokens, tol_factor=tol_factor, **kwargs)
-    return result, what
+    elif "tuned_model" in kwargs:
+        tuned = kwargs["tuned_model"]
+        what = (
+            f"a PEFT {_peft_type(tuned)} adapter (merged into a copy)"
+            if _is_peft(tuned)
+            else "a fine-tuned model"
+        )
+    run = _check_hf(base, tokens, kwargs.get("prefix"), kwargs.get("tuned_model"), None, True,
+                    tol_factor, True)  # fmt: skip
+    return run._replace(what=what or run.what)
 
 
 __all__ = [
+    "HFCheck",
     "INSTALL_HINT",
     "SUPPORTED_ARCHITECTURES",
     "check_hf",

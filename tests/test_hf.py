@@ -337,3 +337,30 @@ def test_probe_imports_the_hf_stack_only_lazily(monkeypatch):
     assert fresh.is_hf_model_dir("/nonexistent") is False
     with pytest.raises(fresh.MissingExtraError, match=r"prefix-probe\[hf\]"):
         fresh.require_hf()
+
+
+def test_check_theorem_dirs_takes_every_kind_of_adapter(base, tokens, prefix_model, tmp_path):
+    base.save_pretrained(tmp_path / "model")
+    prefix_model.save_pretrained(tmp_path / "prefix")
+    lora_cfg = LoraConfig(
+        target_modules=["c_attn"], r=2, init_lora_weights=False, fan_in_fan_out=True
+    )
+    get_peft_model(copy.deepcopy(base), lora_cfg).save_pretrained(tmp_path / "lora")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.transformer.h[1].attn.c_attn.weight[:, :D] *= 1.5  # W_Q of layer 1 only
+    tuned.save_pretrained(tmp_path / "finetuned")
+    model = tmp_path / "model"
+
+    result, what, *_ = hf.check_theorem_dirs(model, tmp_path / "prefix", tokens)
+    assert result.ok and result.expected == [True] * L and "PREFIX_TUNING" in what
+    result, what, *_ = hf.check_theorem_dirs(model, None, tokens, prefix_len=2, seed=1)
+    assert result.ok and result.decompositions[0].P == 2 and "random" in what
+    result, what, *_ = hf.check_theorem_dirs(model, tmp_path / "lora", tokens)
+    assert result.expected == [False] * L and "LORA" in what
+    assert min(d.max_abs.max().item() for d in result.local) > 1e-4
+    result, what, *_ = hf.check_theorem_dirs(model, tmp_path / "finetuned", tokens)
+    assert what == "a fine-tuned model"
+    assert [d.max_abs.max().item() > 1e-4 for d in result.local] == [False, True]
+    with pytest.raises(FileNotFoundError, match="neither"):
+        hf.check_theorem_dirs(model, tmp_path, tokens)
