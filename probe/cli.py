@@ -155,7 +155,7 @@ def cmd_check_theorem(args) -> int:
 
     print(f"{args.base} with {what}: {args.n} {task.name} inputs, {base.W_E.dtype}")
     print(
-        "layer head   P  alpha  pattern_err  z_err      (tol)      check  "
+        "layer head   P  alpha  pattern_err (tol)    z_err (tol)        check  "
         "local_tv_max  downstream_tv  rank/P (change)"
     )
     for row in result.rows():
@@ -165,15 +165,19 @@ def cmd_check_theorem(args) -> int:
             check = "FAIL" if bad or row["alpha_error"] > row["pattern_tol"] else "ok"
         print(
             f"{row['layer']:5d} {row['head']:4d} {row['P']:3d} {row['alpha_mean']:6.3f}  "
-            f"{row['pattern_error']:.2e}  {row['z_error']:.2e}  ({row['z_tol']:.1e})  "
+            f"{row['pattern_error']:.1e} ({row['pattern_tol']:.0e})  "
+            f"{row['z_error']:.1e} ({row['z_tol']:.0e})  "
             f"{check:5s}  {row['local_tv_max']:12.2e}  {row['downstream_tv_mean']:13.2e}  "
             f"{row['bias_rank']:3d}/{row['P']} ({row['change_rank']})"
         )
     failures = result.failures()
     for line in failures:
         print(f"identity failed: {line}")
-    if not any(expected):
-        print("no layer has a prefix and a frozen head, so no identity applies; drift only")
+    changed = [r.layer for r, f in zip(records, frozen, strict=True) if r.P and not f]
+    if changed:
+        print(f"layers {changed}: a prefix, but ln1/W_Q/W_K/W_V changed too: no identity applies")
+    if not any(r.P for r in records):
+        print("no prefix, so no identity applies: drift and rank only")
     return 1 if failures else 0
 
 

@@ -1,0 +1,392 @@
+"""Property tests of the attention-bias theorem (DESIGN.md s. 1) through the probes, in float64.
+
+The probes must confirm the theorem where it holds (prefixes, soft prompts) and must fail where
+it does not (changed W_Q/W_K): a probe that cannot fail is worthless.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from probe import probes
+from probe.cli import main
+from probe.model import KVPrefix, ModelConfig, Transformer
+
+TOL = 1e-10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: with intra-op threads on a busy machine, spinning threads make
+    each op up to 100x slower. Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_model(n_layers=2, n_heads=2, d_head=8, seed=0, attn_ln=True, mlp=True) -> Transformer:
+    """float64 model with O(1) weights, so attention patterns are far from uniform."""
+    d_model = n_heads * d_head
+    cfg = ModelConfig(
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        d_mlp=2 * d_model if mlp else 0,
+        attn_ln=attn_ln,
+        dropout=0.0,
+    )
+    torch.manual_seed(seed)
+    model = Transformer(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.split(".")[-1]
+            if leaf == "W_out":
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[0]))
+            elif leaf.startswith("W_"):
+                p.normal_(0.0, 1.0 / math.sqrt(d_model) if leaf != "W_E" else 1.0)
+            elif leaf == "w":  # LayerNorm gain
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def random_prefix(model, P, scale=1.0, seed=1, batch=None) -> list[KVPrefix]:
+    g = torch.Generator().manual_seed(seed)
+    c = model.cfg
+    shape = (P, c.n_heads, c.d_head) if batch is None else (batch, P, c.n_heads, c.d_head)
+    return [
+        KVPrefix(
+            scale * torch.randn(shape, generator=g, dtype=torch.float64),
+            torch.randn(shape, generator=g, dtype=torch.float64),
+        )
+        for _ in range(c.n_layers)
+    ]
+
+
+def tokens(batch=3, T=9, seed=2, vocab=11):
+    return torch.randint(0, vocab, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+def perturbed(model, leaves, seed=3, lora=False) -> Transformer:
+    """A tuned copy: every layer's ``leaves`` moved by as much as the weights themselves (full
+    fine-tuning), or by a rank-1 update of the d_model x (head * d_head) matrix (LoRA)."""
+    tuned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.split(".")[-1] not in leaves:
+                continue
+            if lora:  # W [h, d, e] as [d, h*e]
+                h, d, e = p.shape
+                a = torch.randn(d, 1, generator=g, dtype=p.dtype)
+                b = torch.randn(1, h * e, generator=g, dtype=p.dtype)
+                p.add_((a @ b).view(d, h, e).permute(1, 0, 2) * p.std() / math.sqrt(e))
+            else:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * p.std())
+    return tuned
+
+
+def records(model, x, tuned=None, **run_kwargs):
+    """Records of a tuned run (``tuned`` model, or ``model`` with a prefix/prompt) and of the
+    base run on the same tokens."""
+    _, cache = (tuned or model).run_with_cache(x, **run_kwargs)
+    _, base_cache = model.run_with_cache(x)
+    prompt = run_kwargs.get("prompt")
+    prompt_len = 0 if prompt is None else prompt.shape[-2]
+    return (
+        probes.records_from_cache(model, cache, prompt_len=prompt_len),
+        probes.records_from_cache(model, base_cache),
+    )
+
+
+shapes = st.fixed_dictionaries(
+    {
+        "n_layers": st.integers(1, 3),
+        "n_heads": st.integers(1, 4),
+        "d_head": st.integers(2, 16),
+        "attn_ln": st.booleans(),
+        "mlp": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+def degenerate(shape) -> bool:
+    """LayerNorm of a 2-d vector is (+-w1, -+w2) + b: two possible layer inputs, often one, and
+    then no W_Q/W_K change can move attention among identical keys."""
+    return shape["attn_ln"] and shape["n_heads"] * shape["d_head"] == 2
+
+
+# ---------------------------------------------------------------------------- the identities
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=shapes,
+    P=st.integers(1, 16),
+    T=st.integers(1, 12),
+    batch=st.integers(1, 3),
+    scale=st.sampled_from([1.0, 30.0, -30.0]),  # typical, dominating, vanishing prefix scores
+    per_example=st.booleans(),
+)
+def test_identities_hold_at_every_layer(shape, P, T, batch, scale, per_example):
+    model = random_model(**shape)
+    per = batch if per_example else None
+    prefix = random_prefix(model, P, scale, seed=shape["seed"], batch=per)
+    tuned, base = records(model, tokens(batch, T, seed=shape["seed"]), prefix=prefix)
+    result = probes.check_theorem(tuned, base)
+    assert result.ok, result.failures()
+    for r, d, local, down in zip(
+        tuned, result.decompositions, result.local, result.downstream, strict=True
+    ):
+        assert d.pattern_error.max() < TOL and d.z_error.max() < TOL and d.alpha_error.max() < TOL
+        assert ((d.alpha >= 0) & (d.alpha <= 1)).all()
+        torch.testing.assert_close(d.beta.sum(-1), torch.ones_like(d.alpha), rtol=0, atol=TOL)
+        assert local.max_abs.max() < TOL  # relative content attention exactly unchanged ...
+        if r.layer == 0:  # ... and at layer 0 the input is the base's, so also vs the base run
+            assert down.max_abs.max() < TOL
+        n_values = P * (batch if per_example else 1)  # per-example prefixes span more
+        assert (result.subspaces[r.layer].rank <= min(n_values, r.d_head)).all()
+
+
+@pytest.mark.parametrize("scale", [30.0, -30.0, 300.0])
+def test_dominating_vanishing_and_underflowing_prefix(scale):
+    """Prefix keys along a large query bias: alpha ~ 1 (scale 30), ~ 0 (-30) at every query of
+    every layer; at 300 the content mass underflows to 0 and relative attention is unobservable."""
+    model = random_model(n_layers=2, n_heads=2, d_head=8)
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    u = u / u.norm(dim=-1, keepdim=True)  # one unit direction per head
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.b_Q.copy_(20 * u)
+    keys = scale * u + 0.1 * torch.randn(4, 2, 8, generator=g, dtype=torch.float64)
+    prefix = [KVPrefix(keys, torch.randn(4, 2, 8, generator=g, dtype=torch.float64))] * 2
+    tuned, base = records(model, tokens(), prefix=prefix)
+    result = probes.check_theorem(tuned, base)
+    assert result.ok, result.failures()
+    for d, local in zip(result.decompositions, result.local, strict=True):
+        assert d.pattern_error.max() < TOL and d.z_error.max() < TOL
+        if scale == -30.0:
+            assert d.alpha.max() < 1e-12
+        else:
+            assert d.alpha.min() > 1 - 1e-12
+        n_rows = d.alpha.shape[0] * d.alpha.shape[2]
+        assert (local.unobservable == (n_rows if scale == 300.0 else 0)).all()
+        assert local.max_abs.max() < TOL
+
+
+def test_alpha_matches_the_theorem_formula_and_first_position():
+    """alpha, beta and A against DESIGN.md s. 1 written out with plain exponentials; at the first
+    query the content is one key, so A = 1 and alpha = sum_p e^s_p / (sum_p e^s_p + e^s_00)."""
+    model = random_model(n_layers=1)
+    x = tokens(batch=2, T=5)
+    (r,), _ = records(model, x, prefix=random_prefix(model, 3))
+    d = probes.decompose(r)
+    e_prefix = torch.einsum("bqhe,bphe->bhqp", r.q, r.prefix_k).div(math.sqrt(r.d_head)).exp()
+    e_content = torch.einsum("bqhe,bkhe->bhqk", r.q, r.k).div(math.sqrt(r.d_head)).exp()
+    e_content = e_content * torch.ones(5, 5, dtype=torch.float64).tril()
+    alpha = e_prefix.sum(-1) / (e_prefix.sum(-1) + e_content.sum(-1))
+    torch.testing.assert_close(d.alpha, alpha, rtol=1e-12, atol=0)
+    torch.testing.assert_close(d.beta, e_prefix / e_prefix.sum(-1, keepdim=True))
+    torch.testing.assert_close(d.A, e_content / e_content.sum(-1, keepdim=True))
+    assert (d.A[:, :, 0, 0] == 1).all()
+    first = e_prefix[:, :, 0].sum(-1)
+    torch.testing.assert_close(d.alpha[:, :, 0], first / (first + e_content[:, :, 0, 0]))
+
+
+def test_single_position():
+    """T = 1: one content key; identities hold, and even changed W_Q/W_K cannot move a pattern
+    with a single key (local drift 0)."""
+    model = random_model()
+    x = tokens(T=1)
+    tuned, _ = records(model, x, prefix=random_prefix(model, 2))
+    assert probes.check_theorem(tuned).ok
+    moved, _ = records(model, x, tuned=perturbed(model, ("W_Q", "W_K")))
+    assert all(probes.local_drift(r).max_abs.max() < TOL for r in moved)
+
+
+# ---------------------------------------------------------------------------- the probes can fail
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, T=st.integers(4, 12), lora=st.booleans())
+def test_changed_queries_keys_show_local_drift(shape, T, lora):
+    assume(not degenerate(shape))
+    model = random_model(**shape)
+    x = tokens(4, T, seed=shape["seed"])
+    tuned, base = records(model, x, tuned=perturbed(model, ("W_Q", "W_K"), lora=lora))
+    result = probes.check_theorem(tuned, base)
+    assert result.ok  # no prefix: no identity is expected, drift is reported
+    for local, d in zip(result.local, result.decompositions, strict=True):
+        assert (local.tv_max > 1e-3).all(), local.rows()
+        assert (d.pattern_error > 1e-3).all()
+    # where the identities are demanded, the same records fail them
+    assert not probes.check_theorem(tuned, expected=[True] * len(tuned)).ok
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=shapes, T=st.integers(2, 12))
+def test_value_output_changes_do_not_move_the_pattern(shape, T):
+    """Changing W_V, W_O (and the MLP) moves no pattern given the layer input (local drift 0),
+    though the head output changes and later layers' inputs do (downstream drift)."""
+    assume(not degenerate(shape))
+    model = random_model(**shape)
+    leaves = ("W_V", "b_V", "W_O", "b_O", "W_in", "W_out")
+    tuned, base = records(model, tokens(3, T, seed=shape["seed"]), tuned=perturbed(model, leaves))
+    result = probes.check_theorem(tuned, base)
+    for r, local, down, d in zip(
+        tuned, result.local, result.downstream, result.decompositions, strict=True
+    ):
+        assert local.max_abs.max() < TOL
+        assert d.pattern_error.max() < TOL  # pattern == A exactly ...
+        assert (d.z_error > 1e-3).all()  # ... but z != A @ v_frozen: V changed
+        if r.layer == 0:
+            assert down.max_abs.max() < TOL
+    if shape["n_layers"] > 1:
+        assert result.downstream[-1].tv_max.max() > 1e-3
+
+
+def test_prefix_drift_is_downstream_only():
+    model = random_model(n_layers=3)
+    tuned, base = records(model, tokens(), prefix=random_prefix(model, 4))
+    result = probes.check_theorem(tuned, base)
+    assert all(local.max_abs.max() < TOL for local in result.local)
+    assert result.downstream[0].max_abs.max() < TOL
+    assert all((down.tv_max > 1e-3).all() for down in result.downstream[1:])
+
+
+def test_prefix_plus_weight_change_is_not_a_prefix():
+    """A prefix on a head whose W_Q changed (prefix + LoRA): the identities fail where demanded;
+    frozen_head_layers says which layers may demand them."""
+    model = random_model()
+    tuned_model = perturbed(model, ("W_Q",))
+    tuned, _ = records(model, tokens(), tuned=tuned_model, prefix=random_prefix(model, 2))
+    assert not probes.check_theorem(tuned).ok
+    frozen = probes.frozen_head_layers(model, dict(tuned_model.named_parameters()))
+    assert frozen == [False, False]
+    assert probes.check_theorem(tuned, expected=frozen).ok
+    assert probes.frozen_head_layers(model, dict(perturbed(model, ("W_O",)).named_parameters()))
+
+
+# ---------------------------------------------------------------------------- bias subspace
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=shapes, P=st.integers(1, 16))
+def test_bias_subspace_rank_at_most_P(shape, P):
+    model = random_model(**shape)
+    tuned, _ = records(model, tokens(8, 10, seed=shape["seed"]), prefix=random_prefix(model, P))
+    for r in tuned:
+        s = probes.bias_subspace(r)
+        assert (s.rank <= min(P, r.d_head)).all(), s.rows()
+
+
+def test_bias_subspace_prefix_vs_full_fine_tuning():
+    """P = 1: the prefix adds one fixed direction V W_O per head (rank 1), while full
+    fine-tuning changes the head output in many (rank d_head or more). The whole change under a
+    prefix is NOT rank <= P (it also rescales the base output), hence the probe's residual."""
+    model = random_model(n_layers=2, n_heads=2, d_head=8)
+    x = tokens(8, 10)
+    prefix = random_prefix(model, 1)
+    tuned, _ = records(model, x, prefix=prefix)
+    full = perturbed(model, ("W_Q", "W_K", "W_V", "W_O", "b_V", "W_in", "W_out"))
+    fine_tuned, _ = records(model, x, tuned=full)
+    for r, f in zip(tuned, fine_tuned, strict=True):
+        s, s_ft = probes.bias_subspace(r), probes.bias_subspace(f)
+        assert (s.rank == 1).all() and (s.change_rank == 8).all()
+        assert (s_ft.rank >= 8).all()
+        # the one direction is V W_O
+        d = probes.decompose(r)
+        direction = torch.einsum("he,hed->hd", prefix[r.layer].values[0], r.W_O)
+        for h in range(2):
+            out = d.alpha[:, h].reshape(-1, 1) * d.bias_out[:, :, h].reshape(-1, 16)
+            top = torch.linalg.svd(out, full_matrices=False).Vh[0]
+            assert abs(top @ direction[h]) / direction[h].norm() > 1 - 1e-10
+
+
+# ---------------------------------------------------------------------------- soft prompts, VT
+
+
+def test_prompt_records_equal_converted_prefix_records():
+    """A soft-prompt run, sliced with prompt_len, gives the records of the exact per-layer
+    prefix (adapters.prompt_to_prefix), and the identities hold."""
+    adapters = pytest.importorskip("probe.adapters")
+    model = random_model(n_layers=3)
+    prompt = torch.randn(3, model.cfg.d_model, dtype=torch.float64)
+    x = tokens()
+    from_prompt, base = records(model, x, prompt=prompt)
+    from_prefix, _ = records(model, x, prefix=adapters.prompt_to_prefix(model, prompt))
+    for a, b in zip(from_prompt, from_prefix, strict=True):
+        for name in ("q", "k", "v", "prefix_k", "prefix_v", "pattern", "z", "q_frozen"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-12)
+    result = probes.check_theorem(from_prompt, base)
+    assert result.ok and all(local.max_abs.max() < TOL for local in result.local)
+
+
+def test_virtual_token_prefix():
+    adapters = pytest.importorskip("probe.adapters")
+    model = random_model()
+    vectors = torch.randn(2, 3, model.cfg.d_model, dtype=torch.float64)
+    tuned, base = records(model, tokens(), prefix=adapters.vt_to_prefix(model, vectors))
+    assert probes.check_theorem(tuned, base).ok
+
+
+# ---------------------------------------------------------------------------- tables, CLI
+
+
+def test_rows_are_tidy():
+    model = random_model(n_layers=2, n_heads=3)
+    tuned, base = records(model, tokens(), prefix=random_prefix(model, 2))
+    result = probes.check_theorem(tuned, base)
+    rows = result.rows()
+    assert len(rows) == 6 and {(r["layer"], r["head"]) for r in rows} == {
+        (layer, h) for layer in range(2) for h in range(3)
+    }
+    assert all(isinstance(v, (int, float, bool, str)) for r in rows for v in r.values())
+    assert len(probes.table(result.local + result.subspaces + result.decompositions)) == 18
+
+
+@pytest.fixture
+def saved_base(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layers=2, n_heads=2, d_model=16, dropout=0.0))
+    return model, model.save(tmp_path / "base")
+
+
+def test_cli_random_prefix_and_fine_tuned_model(saved_base, tmp_path, capsys):
+    model, path = saved_base
+    assert main(["check-theorem", "--base", str(path), "--n", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "random key/value prefix" in out and out.count(" ok ") == 4
+    tuned = perturbed(model, ("W_Q", "W_K")).save(tmp_path / "ft")
+    argv = ["check-theorem", "--base", str(path), "--adapter", str(tuned), "--n", "8"]
+    assert main([*argv, "--dtype", "float64"]) == 0
+    assert "no identity applies" in capsys.readouterr().out
+
+
+def test_cli_prefix_adapter_and_a_failing_identity(saved_base, tmp_path, capsys, monkeypatch):
+    adapters = pytest.importorskip("probe.adapters")
+    model, path = saved_base
+    adapter = adapters.make_adapter("prefix", model, length=2).save(tmp_path / "a", model)
+    argv = ["check-theorem", "--base", str(path), "--adapter", str(adapter), "--n", "8"]
+    assert main(argv) == 0
+    assert "prefix adapter" in capsys.readouterr().out
+
+    real = probes.records_from_cache
+
+    def broken(base, cache, *args, **kwargs):  # a head output off by 1e-3
+        recs = real(base, cache, *args, **kwargs)
+        for r in recs:
+            r.z = r.z + 1e-3
+        return recs
+
+    monkeypatch.setattr(probes, "records_from_cache", broken)
+    assert main(argv) == 1
+    assert "identity failed: layer 0 head 0: z error" in capsys.readouterr().out
