@@ -442,8 +442,9 @@ def tolerances(record: AttentionRecord, factor: float = 16.0) -> tuple[float, fl
     weight w then moves by at most w times twice that, plus eps * sqrt(T + P) from normalising.
     So pattern_tol = factor * eps * (1 + sqrt(e) * S + sqrt(T + P)). A head output is a convex
     mix of values, so its error is at most the weights' total error times the largest value:
-    z_tol = 2 * pattern_tol * max|v|. ``factor`` (default 16) covers the constants and the two
-    independent computations being compared; float64 gives ~1e-13, float32 ~1e-4 on our models.
+    z_tol = 2 * pattern_tol * max(1, max|v|). ``factor`` (default 16) covers the constants and
+    the two independent computations being compared; float64 gives ~1e-13, float32 ~1e-4 on our
+    models, where the observed errors are ~1e-15 and ~1e-7.
     """
     r = record
     keys = [r.k, r.k_frozen] + ([r.prefix_k] if r.P else [])
