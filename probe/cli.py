@@ -8,17 +8,11 @@ from pathlib import Path
 
 import torch
 
+from analysis.reproduce import add_command as add_reproduce
 from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
 from probe.model import PRESETS, Transformer, preset
-from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, train
-from tasks import Task, get_task, list_tasks
-
-
-def pretrain(task: Task, model: Transformer, cfg: TrainConfig):
-    """Train every weight of ``model`` on ``task``; returns the TrainResult."""
-    check_fits(model, task)
-    model.to(cfg.device)
-    return train(model, model.parameters(), task, cfg, modules=[model])
+from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
+from tasks import get_task, list_tasks
 
 
 def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size: int):
@@ -237,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_check_theorem)
+    add_reproduce(sub)
     return parser
 
 
