@@ -10,6 +10,7 @@ import torch
 
 from analysis.reproduce import add_command as add_reproduce
 from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
+from probe.hf import MissingExtraError
 from probe.model import PRESETS, Transformer, preset
 from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
 from tasks import get_task, list_tasks
@@ -110,9 +111,27 @@ def cmd_check_theorem(args) -> int:
     """Check the attention-bias theorem on a base model with an adapter or a fine-tuned copy."""
     from pathlib import Path
 
-    from probe import probes
+    from probe import hf, probes
     from probe.adapters import Tuned, load_adapter
     from tasks import test_set
+
+    if hf.is_hf_model_dir(args.base):  # a Hugging Face model: probe.hf (needs the hf extra)
+        task = get_task(args.task)
+        tokens = test_set(task, args.n, args.seed).tokens[:, :-1]
+        run = hf.check_theorem_dirs(
+            args.base,
+            args.adapter,
+            tokens,
+            prefix_len=args.prefix_len,
+            seed=args.seed,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            device=args.device,
+            tol_factor=args.tol_factor,
+        )
+        header = (
+            f"{args.base} with {run.what}: {args.n} {task.name} inputs, {run.records[0].q.dtype}"
+        )
+        return print_theorem_check(header, run.result, run.records, run.frozen)
 
     base = Transformer.load(args.base, args.device).eval()
     if args.dtype:
@@ -147,7 +166,13 @@ def cmd_check_theorem(args) -> int:
         records, probes.records_from_cache(base, base_cache), expected, args.tol_factor
     )
 
-    print(f"{args.base} with {what}: {args.n} {task.name} inputs, {base.W_E.dtype}")
+    header = f"{args.base} with {what}: {args.n} {task.name} inputs, {base.W_E.dtype}"
+    return print_theorem_check(header, result, records, frozen)
+
+
+def print_theorem_check(header: str, result, records, frozen) -> int:
+    """Print check-theorem's table; 1 if an expected identity failed, else 0."""
+    print(header)
     print(
         "layer head   P  alpha  pattern_err (tol)    z_err (tol)        check  "
         "local_tv_max  downstream_tv  rank/P (change)"
@@ -212,11 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
         "check-theorem",
         help="verify the attention-bias identities; report local/downstream drift and bias rank",
     )
-    p.add_argument("--base", required=True, help="a model directory from `probe pretrain`")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="a model directory from `probe pretrain`, or a Hugging Face model directory "
+        "(GPT-2 family; needs the hf extra)",
+    )
     p.add_argument(
         "--adapter",
-        help="an adapter directory, or a fine-tuned model directory (drift only); "
-        "default: a random key/value prefix",
+        help="an adapter directory (ours, or a PEFT one with an HF --base), or a fine-tuned "
+        "model directory (drift only); default: a random key/value prefix",
     )
     p.add_argument("--task", default="sort_asc", help="inputs from this task's held-out set")
     p.add_argument("--n", type=int, default=256, help="inputs (default %(default)s)")
@@ -239,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, KeyError, FileNotFoundError, TrainingDiverged) as e:  # no traceback
+    except (ValueError, KeyError, FileNotFoundError, TrainingDiverged, MissingExtraError) as e:
         print(f"probe {args.command}: error: {e}", file=sys.stderr)
         return 2
 

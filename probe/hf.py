@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,7 +249,9 @@ def _resolve(base_model, prefix, tuned_model):
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Load a saved PEFT adapter onto a *copy* of ``model`` (the caller's model is untouched)."""
     hf = require_hf()
-    pm = hf.peft.PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir))
+    with warnings.catch_warnings():  # PEFT calls an API transformers deprecates; not ours
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        pm = hf.peft.PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir))
     return pm.eval()
 
 

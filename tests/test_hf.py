@@ -37,15 +37,6 @@ DH = D // H
 TOL = 1e-12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny model: thread start-up costs more than the maths (4x faster on one thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
@@ -364,3 +355,27 @@ def test_check_theorem_dirs_takes_every_kind_of_adapter(base, tokens, prefix_mod
     assert [d.max_abs.max().item() > 1e-4 for d in result.local] == [False, True]
     with pytest.raises(FileNotFoundError, match="neither"):
         hf.check_theorem_dirs(model, tmp_path, tokens)
+
+
+def test_check_theorem_command_on_hf_dirs(base, prefix_model, tmp_path, capsys):
+    from probe.cli import main
+
+    base.save_pretrained(tmp_path / "model")
+    prefix_model.save_pretrained(tmp_path / "prefix")
+    lora_cfg = LoraConfig(
+        target_modules=["c_attn"], r=2, init_lora_weights=False, fan_in_fan_out=True
+    )
+    get_peft_model(copy.deepcopy(base), lora_cfg).save_pretrained(tmp_path / "lora")
+    cmd = ["check-theorem", "--base", str(tmp_path / "model"), "--n", "8", "--task", "sort_asc"]
+
+    assert main([*cmd, "--adapter", str(tmp_path / "prefix")]) == 0
+    out = capsys.readouterr().out
+    assert "a PEFT PREFIX_TUNING adapter, P=3" in out and "torch.float64" in out
+    assert out.count(" ok ") == L * H and "FAIL" not in out
+    assert main([*cmd, "--prefix-len", "2", "--dtype", "float32"]) == 0  # a random prefix
+    out = capsys.readouterr().out
+    assert "random key/value prefix, P=2" in out and out.count(" ok ") == L * H
+    assert main([*cmd, "--adapter", str(tmp_path / "lora")]) == 0  # drift only
+    assert "no prefix, so no identity applies" in capsys.readouterr().out
+    assert main([*cmd, "--adapter", str(tmp_path)]) == 2
+    assert "neither a saved PEFT adapter" in capsys.readouterr().err
