@@ -49,7 +49,9 @@ def heatmap_grid(
     n = len(panels)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 4.3 * rows), squeeze=False, gridspec_kw={"hspace": 0.4}
+    )
     image = None
     for ax, (name, pattern, P) in zip(axes.flat, panels, strict=False):
         T = pattern.shape[0]
@@ -98,5 +100,39 @@ def bar_chart(
     ax.set_title(title)
     if len(series) > 1:
         ax.legend(fontsize=8, loc="best")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def matrix_heatmap(
+    matrix: list[list[float]],
+    row_labels: list[str],
+    col_labels: list[str],
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    cbar_label: str = "held-out exact match (%)",
+):
+    """A labelled heatmap of a matrix of fractions, shown in percent with each cell annotated."""
+    values = 100 * np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(col_labels) + 3, 0.42 * len(row_labels) + 1.6))
+    image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(
+            j,
+            i,
+            f"{v:.1f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="black" if v > 60 else "white",
+        )
+    ax.set_xticks(range(len(col_labels)), col_labels)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=cbar_label)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

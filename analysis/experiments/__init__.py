@@ -1,5 +1,5 @@
 """The registry of experiments that ``probe reproduce`` runs, in report order."""
 
-from analysis.experiments import paper01
+from analysis.experiments import paper01, paper02
 
-EXPERIMENTS = {e.name: e for e in (paper01.EXPERIMENT,)}
+EXPERIMENTS = {e.name: e for e in (paper01.EXPERIMENT, paper02.EXPERIMENT)}
