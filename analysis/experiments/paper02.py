@@ -31,7 +31,7 @@ PAPER_PREFIX = {"sort_asc": "94.09", "sort_desc": "83.72", "add1": "99.62", "add
 
 
 def model_overrides(p: Profile) -> tuple:
-    return p.pick((("d_model", 32), ("n_heads", 2)), (), ())
+    return p.pick((("d_model", 32), ("n_heads", 2), ("d_mlp", 128)), (), ())
 
 
 def base_runs(p: Profile) -> list[Run]:
@@ -134,7 +134,7 @@ def report(store: Store, p: Profile, out: Path) -> Section:
         task = name.split()[-1]
         return f"{PAPER_PREFIX[task]} own, ~0 others" if name.startswith("prefix") else "-"
 
-    model = "paper's 02 model" if p.name != "smoke" else "02 shape shrunk to d 32, 2 heads"
+    model = "paper's 02 model" if p.name != "smoke" else "02 shape shrunk to d 32, 2 heads, MLP 128"
     table = markdown_table(
         ["adapter (trained on)", *[f"test {t}" for t in TASKS], "paper"],
         [[name, *[ms(v) for v in vals], paper(name)] for name, vals in per_seed.items()],
