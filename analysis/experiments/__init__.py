@@ -1,8 +1,14 @@
 """The registry of experiments that ``probe reproduce`` runs, in report order."""
 
-from analysis.experiments import paper01, paper02, paper03, paper04
+from analysis.experiments import paper01, paper02, paper03, paper04, study
 
 EXPERIMENTS = {
     e.name: e
-    for e in (paper01.EXPERIMENT, paper02.EXPERIMENT, paper03.EXPERIMENT, paper04.EXPERIMENT)
+    for e in (
+        paper01.EXPERIMENT,
+        paper02.EXPERIMENT,
+        paper03.EXPERIMENT,
+        paper04.EXPERIMENT,
+        study.EXPERIMENT,
+    )
 }

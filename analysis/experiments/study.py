@@ -1,0 +1,270 @@
+"""Study: copy, reversal and sorting under every tuning method, with attention-drift probes.
+
+Two-layer bases (the 01 model's width, one head, two layers) are pretrained on copy and on
+sort-ascending, then tuned to reverse and to the other task by every method. Two layers, not
+the 01 model's one, because the theorem's two drift notions only separate with depth: a prefix
+leaves each layer's relative attention exactly unchanged given that layer's input (local drift
+0), but changes the input of the next layer, so layer 1's attention can move relative to the
+base model on the same tokens (downstream drift). With one layer both are the same number.
+Reversal needs a new attention pattern (an anti-diagonal), which a prefix cannot create; full
+fine-tuning and LoRA on W_Q/W_K can. The probes (``probe.probes``) run on float64 copies of the
+tuned models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.colors import LogNorm
+
+from analysis.plots import bar_chart
+from analysis.report import Experiment, Figure, Profile, Section, accuracy, markdown_table
+from analysis.report import mean_spread as ms
+from analysis.runs import Run, Store
+from probe.adapters import Tuned
+from probe.probes import TheoremCheck, check_theorem, frozen_head_layers, records_from_cache
+from tasks import get_task, test_set
+
+METHODS = ("full", "lora", "prefix", "vt-prefix", "prompt", "prefix+lora")
+PROMPT_LIKE = ("prefix", "vt-prefix", "prompt")  # methods whose heads stay frozen
+LORA = {"rank": 4, "targets": ("W_Q", "W_K", "W_V", "W_O")}
+OPTIONS = {
+    "full": {},
+    "lora": LORA,
+    "prefix": {"length": 1},
+    "vt-prefix": {"length": 1},
+    "prompt": {"length": 1},
+    "prefix+lora": {"length": 1, **LORA},
+}
+BASES = ("copy", "sort_asc")
+TARGETS = {"copy": ("reverse", "sort_asc"), "sort_asc": ("reverse", "copy")}
+PAIRS = [(b, t) for b in BASES for t in TARGETS[b]]
+MAIN = ("copy", "reverse")  # the pair with every seed and the prefix-length sweep
+
+
+def pairs(p: Profile) -> list[tuple[str, str]]:
+    """(base task, target task) pairs tuned: only the main pair in the smoke profile."""
+    return p.pick([MAIN], PAIRS, PAIRS)
+
+
+def model(p: Profile) -> tuple[str, tuple]:
+    return p.pick(("tiny", ()), ("01", (("n_layers", 2),)), ("01", (("n_layers", 2),)))
+
+
+def prefix_lengths(p: Profile) -> tuple[int, ...]:
+    return p.pick((1, 2), (1, 4, 16), (1, 4, 16, 64))
+
+
+def base_run(p: Profile, task: str, seed: int) -> Run:
+    name, overrides = model(p)
+    return Run(
+        task,
+        preset=name,
+        model=overrides,
+        steps=p.pick(60, 500, 5000),
+        lr=3e-3,
+        batch_size=64,
+        seed=seed,
+        eval_tasks=tuple(t for t in ("copy", "reverse", "sort_asc") if t != task),
+    )
+
+
+def seeds_for(p: Profile, pair: tuple[str, str]) -> tuple[int, ...]:
+    return p.seeds if pair == MAIN else p.seeds[:1]
+
+
+def tuned(p: Profile, base: Run, target: str, method: str, **options) -> Run:
+    return Run(
+        target,
+        preset=base.preset,
+        model=base.model,
+        method=method,
+        base=base,
+        seed=base.seed,
+        steps=p.pick(30, 250, 5000),
+        options=tuple(sorted({**OPTIONS[method], **options}.items())),
+        eval_tasks=(base.task,),
+    )
+
+
+def method_runs(p: Profile, pair: tuple[str, str], method: str) -> list[Run]:
+    return [tuned(p, base_run(p, pair[0], s), pair[1], method) for s in seeds_for(p, pair)]
+
+
+def length_runs(p: Profile, length: int) -> list[Run]:
+    """Prefix-tuning on the main pair with a prefix of ``length`` positions, every seed."""
+    return [tuned(p, base_run(p, MAIN[0], s), MAIN[1], "prefix", length=length) for s in p.seeds]
+
+
+def runs(p: Profile) -> list[Run]:
+    out = [r for pair in pairs(p) for m in METHODS for r in method_runs(p, pair, m)]
+    return out + [r for n in prefix_lengths(p) for r in length_runs(p, n)]
+
+
+# ---------------------------------------------------------------------------- probing
+
+
+def probe_tokens(task: str, n: int = 64) -> torch.Tensor:
+    """``n`` held-out sequences of ``task`` as model input (the last token is never read)."""
+    return test_set(get_task(task), n).tokens[:, :-1]
+
+
+@torch.no_grad()
+def probe_run(
+    store: Store, run: Run, tokens: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> TheoremCheck:
+    """The theorem check of a finished tuning run on ``tokens``, in ``dtype`` (float64 copies of
+    the base model and adapter): decomposition errors, local and downstream drift per layer."""
+    base = store.model(run).eval()
+    adapter = store.adapter(run, base)
+    base, adapter = base.to(dtype), adapter.to(dtype)
+    tuned = Tuned(base).add("a", adapter)
+    _, cache = tuned.run_with_cache(tokens)
+    _, base_cache = base.run_with_cache(tokens)
+    weights = adapter.weights(base)
+    W_O = [weights.get(f"blocks.{i}.attn.W_O", b.attn.W_O) for i, b in enumerate(base.blocks)]
+    prompt = adapter.prompt(base)
+    records = records_from_cache(
+        base, cache, W_O=W_O, prompt_len=0 if prompt is None else prompt.shape[-2]
+    )
+    frozen = frozen_head_layers(base, weights)
+    return check_theorem(
+        records,
+        records_from_cache(base, base_cache),
+        expected=[r.P > 0 and f for r, f in zip(records, frozen, strict=True)],
+    )
+
+
+def drift_by_layer(check: TheoremCheck) -> tuple[list[float], list[float]]:
+    """(local, downstream) mean total-variation drift per layer, max over heads."""
+    local = [d.tv_mean.max().item() for d in check.local]
+    down = [d.tv_mean.max().item() for d in check.downstream]
+    return local, down
+
+
+def drift_heatmaps(rows: list[str], local, down, path: Path, title: str) -> None:
+    """Two annotated heatmaps (local, downstream drift), rows methods, columns layers, log
+    colour scale shared between the panels; exact zeros are drawn at the scale's floor."""
+    local, down = np.asarray(local), np.asarray(down)
+    floor = 1e-17
+    vmax = max(local.max(), down.max(), 1e-3)
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 0.45 * len(rows) + 1.8), sharey=True)
+    image = None
+    for ax, values, name in zip(
+        axes,
+        (local, down),
+        ("local (vs frozen head, same input)", "downstream (vs base model)"),
+        strict=True,
+    ):
+        image = ax.imshow(
+            np.maximum(values, floor),
+            norm=LogNorm(vmin=floor, vmax=vmax),
+            cmap="magma",
+            aspect="auto",
+        )
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f"{v:.1e}", ha="center", va="center", fontsize=7, color="tab:cyan")
+        ax.set_xticks(range(values.shape[1]), [f"layer {j}" for j in range(values.shape[1])])
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel("layer")
+        ax.set_title(name)
+    axes[0].set_ylabel("tuning method")
+    fig.suptitle(title)
+    fig.colorbar(image, ax=axes, label="mean total-variation drift of relative attention")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def report(store: Store, p: Profile, out: Path) -> Section:
+    PAIRS = pairs(p)  # noqa: N806
+    groups = [f"{b} -> {t}" for b, t in PAIRS]
+    acc = {
+        m: [[accuracy(store, r) for r in method_runs(p, pair, m)] for pair in PAIRS]
+        for m in METHODS
+    }
+    bases = {pair: [base_run(p, pair[0], s) for s in seeds_for(p, pair)] for pair in PAIRS}
+    rows = [
+        ["base (no tuning)"]
+        + [ms([accuracy(store, b, pair[1]) for b in bases[pair]]) for pair in PAIRS]
+    ]
+    rows += [[m] + [ms(v) for v in acc[m]] for m in METHODS]
+    table = markdown_table(["method", *groups], rows)
+    bar_chart(
+        groups,
+        {"base": [[accuracy(store, b, pair[1]) for b in bases[pair]] for pair in PAIRS], **acc},
+        out / "study_accuracy.png",
+        "Study: 2-layer bases tuned to new tasks (mean, min-max over seeds)",
+    )
+
+    lengths = prefix_lengths(p)
+    by_length = [[accuracy(store, r) for r in length_runs(p, n)] for n in lengths]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    means = [100 * np.mean(v) for v in by_length]
+    ax.plot(lengths, means, "o-", label="mean over seeds")
+    for n, v in zip(lengths, by_length, strict=True):
+        ax.scatter([n] * len(v), [100 * a for a in v], s=10, color="black", zorder=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("prefix length P (positions per layer)")
+    ax.set_ylabel("held-out exact match on reverse (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title("Study: prefix-tuning copy -> reverse by prefix length")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "study_prefix_length.png", bbox_inches="tight")
+    plt.close(fig)
+    length_table = markdown_table(
+        ["prefix length P", "reverse accuracy"],
+        [[n, ms(v)] for n, v in zip(lengths, by_length, strict=True)],
+    )
+
+    tokens = probe_tokens(MAIN[1])
+    checks = {m: probe_run(store, method_runs(p, MAIN, m)[0], tokens) for m in METHODS}
+    drifts = {m: drift_by_layer(c) for m, c in checks.items()}
+    drift_heatmaps(
+        list(METHODS),
+        [drifts[m][0] for m in METHODS],
+        [drifts[m][1] for m in METHODS],
+        out / "study_drift.png",
+        "Study: attention drift by layer, copy -> reverse (seed 0, float64)",
+    )
+    n_layers = len(next(iter(drifts.values()))[0])
+    drift_table = markdown_table(
+        ["method"]
+        + [f"local L{i}" for i in range(n_layers)]
+        + [f"downstream L{i}" for i in range(n_layers)],
+        [[m] + [f"{x:.2e}" for x in drifts[m][0] + drifts[m][1]] for m in METHODS],
+    )
+    return Section(
+        title="Study: copy, reversal and sorting under every tuning method",
+        text=__doc__.split("\n\n", 1)[1].strip(),
+        tables=[table, length_table, drift_table],
+        figures=[
+            Figure(
+                "study_accuracy.png",
+                "Held-out exact match of each method tuning a copy or sort-ascending base to "
+                "reverse and to the other task, plus the untuned base on the target; bars are "
+                f"means over seeds ({len(p.seeds)} on copy -> reverse, 1 elsewhere), whiskers "
+                "min-max, dots single seeds.",
+            ),
+            Figure(
+                "study_prefix_length.png",
+                "Prefix-tuning the copy base to reverse with longer prefixes: a longer prefix "
+                "adds bias directions but never a new attention pattern.",
+            ),
+            Figure(
+                "study_drift.png",
+                "Mean total-variation drift of relative (renormalised content) attention per "
+                "layer on 64 reverse inputs, seed 0, float64 copies of the models. Left: the "
+                "tuned head vs the frozen head on the same layer input, ~1e-16 (rounding) for "
+                "prefix, virtual-token prefix and prompt, large for full fine-tuning and LoRA on "
+                "W_Q/W_K. Right: tuned vs base model on the same tokens; a prefix moves layer "
+                "1's attention only through its input. Exact zeros are drawn at 1e-17.",
+            ),
+        ],
+    )
+
+
+EXPERIMENT = Experiment("study", "Study", runs, report)
