@@ -1,6 +1,6 @@
 """The registry of experiments that ``probe reproduce`` runs, in report order."""
 
-from analysis.experiments import ledger, paper01, paper02, paper03, paper04, study, sweeps
+from analysis.experiments import ledger, paper01, paper02, paper03, paper04, study, sweeps, theorem
 
 EXPERIMENTS = {
     e.name: e
@@ -10,6 +10,7 @@ EXPERIMENTS = {
         paper03.EXPERIMENT,
         paper04.EXPERIMENT,
         study.EXPERIMENT,
+        theorem.EXPERIMENT,
         sweeps.EXPERIMENT,
         ledger.EXPERIMENT,
     )
