@@ -135,6 +135,8 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        if not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
+            return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)  # same maths, fused
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x / scale) * self.w + self.b
@@ -162,17 +164,16 @@ class Attention(nn.Module):
         self, x: Float[Tensor, "... pos d_model"]
     ) -> tuple[Float[Tensor, "... pos head d_head"], Float[Tensor, "... pos head d_head"]]:
         """This head's keys and values of (already normalised) residual vectors ``x``."""
-        k = einsum(x, self.W_K, "... p d, h d e -> ... p h e") + self.b_K
-        v = einsum(x, self.W_V, "... p d, h d e -> ... p h e") + self.b_V
-        return k, v
+        return _project(x, self.W_K, self.b_K), _project(x, self.W_V, self.b_V)
 
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], prefix: KVPrefix | None = None
     ) -> Float[Tensor, "batch pos d_model"]:
         batch, T, _ = x.shape
-        q = self.hook_q(einsum(x, self.W_Q, "b p d, h d e -> b p h e") + self.b_Q)
-        k, v = self.keys_values(x)
-        k, v = self.hook_k(k), self.hook_v(v)
+        # Queries, keys and values in one matmul: heads [Q..., K..., V...].
+        W = torch.cat([self.W_Q, self.W_K, self.W_V])
+        q, k, v = _project(x, W, torch.cat([self.b_Q, self.b_K, self.b_V])).chunk(3, dim=-2)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         P = 0
         if prefix is not None:
             P = prefix.length
@@ -194,7 +195,19 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, p_drop
             ).transpose(1, 2)
         z = self.hook_z(z)
-        return einsum(z, self.W_O, "b p h e, h e d -> b p d") + self.b_O
+        return _linear(z.flatten(-2), self.W_O.flatten(0, 1), self.b_O)  # sum over h and e
+
+
+def _linear(x: Float[Tensor, "... d_in"], W: Float[Tensor, "d_in d_out"], b: Tensor) -> Tensor:
+    """x @ W + b, with the bias added inside the matmul kernel (one pass over the output)."""
+    return F.linear(x, W.T, b)
+
+
+def _project(
+    x: Float[Tensor, "... pos d_model"], W: Float[Tensor, "head d_model d_head"], b: Tensor
+) -> Float[Tensor, "... pos head d_head"]:
+    """Per-head x W + b: einsum "... p d, h d e -> ... p h e" as one matmul."""
+    return _linear(x, W.transpose(0, 1).flatten(1), b.flatten()).unflatten(-1, b.shape)
 
 
 class MLP(nn.Module):
@@ -208,8 +221,8 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(x @ self.W_in + self.b_in)
-        return self.hook_post(F.gelu(pre, approximate="tanh")) @ self.W_out + self.b_out
+        pre = self.hook_pre(_linear(x, self.W_in, self.b_in))
+        return _linear(self.hook_post(F.gelu(pre, approximate="tanh")), self.W_out, self.b_out)
 
 
 class Block(nn.Module):

@@ -98,9 +98,12 @@ def split_hash(inputs: Tensor) -> Tensor:
             f"of shape {tuple(inputs.shape)}"
         )
     digits = torch.remainder(inputs.long() + 1, _PRIME)
-    h = torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
-    for col in digits.unbind(dim=1):
-        h = torch.remainder(h * _BASE + col, _PRIME)
+    # Horner's rule h <- (h * BASE + digit) mod p, unrolled: sum_i digit_i * BASE^(len-1-i) mod p.
+    # Each term is a residue below 2**31, so the sum of up to 2**32 terms cannot overflow.
+    n = inputs.shape[1]
+    powers = [pow(_BASE, n - 1 - i, _PRIME) for i in range(n)]
+    powers = torch.tensor(powers, dtype=torch.long, device=inputs.device)
+    h = torch.remainder(digits * powers, _PRIME).sum(dim=1) % _PRIME
     for mult in (_MIX1, _MIX2):
         h = h ^ (h >> 15)
         h = torch.remainder(h * mult, _PRIME)
