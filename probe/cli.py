@@ -10,6 +10,7 @@ import torch
 
 from analysis.reproduce import add_command as add_reproduce
 from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
+from probe.bench import add_command as add_bench
 from probe.hf import MissingExtraError
 from probe.model import PRESETS, Transformer, preset
 from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_check_theorem)
     add_reproduce(sub)
+    add_bench(sub)
     return parser
 
 
