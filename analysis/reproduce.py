@@ -25,7 +25,7 @@ def reproduce(
     trained = time.perf_counter() - start
     figures_dir.mkdir(parents=True, exist_ok=True)
     sections = [e.report(store, p, figures_dir) for e in experiments]
-    index = write_index(sections, profile, figures_dir)
+    index = write_index(sections, profile, figures_dir, names)
     print(
         f"{n} runs trained in {trained:.0f} s; figures and tables in {figures_dir}/ "
         f"(index: {index})"
@@ -33,8 +33,8 @@ def reproduce(
     return index
 
 
-def write_index(sections, profile: str, figures_dir: Path) -> Path:
-    command = f"probe reproduce --profile {profile}"
+def write_index(sections, profile: str, figures_dir: Path, names: list[str] = ()) -> Path:
+    command = " ".join(["probe reproduce", *names, f"--profile {profile}"])
     lines = [
         "# Figures and tables",
         "",
