@@ -409,7 +409,7 @@ class Tuned(nn.Module):
         return logits, ActivationCache(cache, self.base)
 
 
-# Learning rates found by the sweep in the methods issue's note (01 model, sort tasks).
+# Chosen, not swept: what each method reached with them is in the methods issue's note.
 DEFAULT_LR = {
     "prefix": 1e-2,
     "vt-prefix": 1e-2,
