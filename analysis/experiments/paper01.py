@@ -42,7 +42,7 @@ def base_runs(p: Profile) -> list[Run]:
 
 
 def tuned(p: Profile, base: Run, method: str) -> Run:
-    steps = p.pick(40, 600, 40000 if method in ("prefix", "vt-prefix", "prompt") else 10000)
+    steps = p.pick(40, 400, 40000 if method in ("prefix", "vt-prefix", "prompt") else 10000)
     return Run(
         "sort_desc",
         method=method,

@@ -36,7 +36,7 @@ def tuned(p: Profile, base: Run, method: str) -> Run:
         base=base,
         seed=base.seed,
         # The paper gave the prefix 10x LoRA's steps; here it gets 2x.
-        steps=p.pick(20, 800 if prefix else 400, 100000 if prefix else 10000),
+        steps=p.pick(20, 500 if prefix else 300, 100000 if prefix else 10000),
         lr=p.pick(None, None, 5e-5 if prefix else 5e-3),
         options=OPTIONS[method],
     )
