@@ -76,7 +76,7 @@ class BenchConfig:
             preset(name)  # raises on an unknown preset
 
     def quick(self) -> BenchConfig:
-        """Fewer steps and repeats: a rough picture in about a minute on 2 cores."""
+        """Fewer steps and repeats (the time-to-accuracy run is unchanged: use --no-tta)."""
         return replace(self, steps=5, repeats=2, eval_size=640)
 
 
@@ -279,19 +279,25 @@ def peer_prefix(name: str, bench: BenchConfig) -> dict:
     task = get_task(TUNE_TASK)
     data = torch.Generator().manual_seed(bench.seed)
 
+    def peer_step():
+        batch = task.batch(bench.batch_size, "train", data).to(bench.device)
+        logits = output_logits(lambda t: model(input_ids=t).logits, batch.tokens, task)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimiser.step()
+
     def peer_run() -> float:
         _sync(bench.device)
         start = time.perf_counter()
         for _ in range(bench.steps):
-            batch = task.batch(bench.batch_size, "train", data).to(bench.device)
-            logits = output_logits(lambda t: model(input_ids=t).logits, batch.tokens, task)
-            loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimiser.step()
+            peer_step()
         _sync(bench.device)
         return time.perf_counter() - start
+
+    with FlopCounterMode(display=False) as counter:
+        peer_step()
 
     ours_run = _trainer(name, "prefix", cfg, bench.seed)
     ours_run(), peer_run()  # warm-up
@@ -308,6 +314,8 @@ def peer_prefix(name: str, bench: BenchConfig) -> dict:
         f"attn {gpt2.config._attn_implementation}",
         "ours_seq_per_s": ours_rate,
         "peer_seq_per_s": peer_rate,
+        "ours_gflop_per_step": step_flops(name, "prefix", bench) / 1e9,
+        "peer_gflop_per_step": counter.get_total_flops() / 1e9,
         "ratio": ours_rate / peer_rate,
     }
 
@@ -315,6 +323,7 @@ def peer_prefix(name: str, bench: BenchConfig) -> dict:
 def time_threads(bench: BenchConfig) -> list[dict]:
     """Pretraining throughput with 1 thread and with one per CPU, at each preset."""
     counts = sorted({1, os.cpu_count() or 1})
+    bench = replace(bench, steps=min(bench.steps, 5), repeats=min(bench.repeats, 2))
     before, rows = torch.get_num_threads(), []
     try:
         for name in bench.presets:
@@ -402,7 +411,8 @@ def format_peer_row(row: dict) -> str:
         return f"{row['preset']:>6s} peer skipped: {row['skipped']}"
     return (
         f"{row['preset']:>6s} ours {row['ours_seq_per_s']:7,.0f} seq/s  peer "
-        f"{row['peer_seq_per_s']:7,.0f} seq/s  ours/peer {row['ratio']:.2f}x"
+        f"{row['peer_seq_per_s']:7,.0f} seq/s  ours/peer {row['ratio']:.2f}x  GFLOP/step "
+        f"ours {row['ours_gflop_per_step']:.2f} peer {row['peer_gflop_per_step']:.2f}"
     )
 
 

@@ -61,7 +61,7 @@ def test_peer_is_measured_or_skipped_with_a_reason():
 
 def test_cli_bench_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--preset", "tiny", "--method", "lora", "--steps", "1", "--repeats", "1"]
+    argv = ["bench", "--quick", "--preset", "tiny", "--method", "lora", "--steps", "1"]
     assert main([*argv, "--no-peer", "--no-tta", "--out", str(out)]) == 0
     assert "lora" in capsys.readouterr().out
     assert json.loads(out.read_text())["train"][0]["method"] == "lora"
