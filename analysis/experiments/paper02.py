@@ -218,8 +218,9 @@ def report(store: Store, p: Profile, out: Path) -> Section:
             Figure(
                 "paper02_matrix.png",
                 "Accuracy matrix: rows are the base without adapter and one prefix or soft prompt "
-                "trained per task, columns the task tested; the prefixes light up only the "
-                "diagonal, the base spreads its guesses over the four tasks.",
+                "trained per task, columns the task tested. A clean skill selection (the "
+                "paper's result) lights up only the diagonal; the text above says how close "
+                "this run came.",
             ),
             Figure(
                 "paper02_attention.png",
@@ -234,8 +235,9 @@ def report(store: Store, p: Profile, out: Path) -> Section:
                 "Attention-block outputs at the 10 output positions of 200 mix4 test sequences "
                 "(the same sequences for all), for the base and for each task's prefix (seed 0), "
                 "projected onto the top-2 principal components of all of them; crosses mark "
-                "each group's mean. Each prefix shifts the whole cloud in its own direction: "
-                "the task-specific bias that selects the skill.",
+                "each group's mean. A prefix can only add a bias to these outputs (it never "
+                "re-weights the content attention), so how far each group's mean moves from "
+                "the base's shows how strong that bias is.",
             ),
         ],
         claims=[
