@@ -11,6 +11,7 @@ pattern (matching equal digits) that no pretraining task uses.
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import mean
 
 from analysis.plots import bar_chart
 from analysis.report import Claim, Experiment, Figure, Profile, Section, accuracy, markdown_table
@@ -108,9 +109,6 @@ def report(store: Store, p: Profile, out: Path) -> Section:
         out / "paper03_accuracy.png",
         f"03: prefixes on a mix4 base ({model_name(p).split(' (')[0]})",
     )
-
-    def mean(v):
-        return sum(v) / len(v)
 
     comp, hist = mean(own["sort_asc_add1"]), mean(own["hist"])
     holds = comp - hist >= 0.3
