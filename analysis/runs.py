@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def execute(run: Run, root: Path, device: str = "cpu") -> dict:
     else:
         model = Transformer.load(Path(root) / run.base.key / "model", device)
         adapter, result = tune(model, task, run.method, cfg, **dict(run.options))
-        forward, n_params = (lambda t: adapter(model, t)), adapter.n_params
+        forward, n_params = partial(adapter, model), adapter.n_params
     model.eval()
     accuracy = {
         name: evaluate(forward, get_task(name), device=device)

@@ -26,6 +26,7 @@ base model's fingerprint; loading onto another base model fails with a clear err
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -68,9 +69,9 @@ class Adapter(nn.Module):
         return {}
 
     def forward(
-        self, base: Transformer, tokens: Int[Tensor, "batch pos"]
-    ) -> Float[Tensor, "batch pos d_vocab"]:
-        kwargs = {"prefix": self.prefix(base), "prompt": self.prompt(base)}
+        self, base: Transformer, tokens: Int[Tensor, "batch pos"], positions: slice = slice(None)
+    ) -> Float[Tensor, "batch position d_vocab"]:
+        kwargs = {"prefix": self.prefix(base), "prompt": self.prompt(base), "positions": positions}
         weights = self.weights(base)
         if weights:
             return functional_call(base, weights, (tokens,), kwargs, strict=False)
@@ -395,11 +396,16 @@ class Tuned(nn.Module):
             self.active = None
         return adapter
 
-    def forward(self, tokens: Int[Tensor, "batch pos"], adapter: str | None = "active"):
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        adapter: str | None = "active",
+        positions: slice = slice(None),
+    ) -> Float[Tensor, "batch position d_vocab"]:
         name = self.active if adapter == "active" else adapter
         if name is None:
-            return self.base(tokens)
-        return self.adapters[name](self.base, tokens)
+            return self.base(tokens, positions=positions)
+        return self.adapters[name](self.base, tokens, positions)
 
     def run_with_cache(self, tokens, adapter: str | None = "active", **cache_kwargs):
         """Logits and an ActivationCache of the base model's hooks, run with the adapter."""
@@ -428,9 +434,7 @@ def tune(
     base.to(cfg.device).requires_grad_(False)
     torch.manual_seed(cfg.seed)
     adapter = make_adapter(method, base, **hparams).to(cfg.device)
-    result = train(
-        lambda t: adapter(base, t), adapter.parameters(), task, cfg, modules=[base, adapter]
-    )
+    result = train(partial(adapter, base), adapter.parameters(), task, cfg, modules=[base, adapter])
     return adapter, result
 
 

@@ -30,6 +30,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -153,7 +154,7 @@ def step_flops(name: str, method: str, bench: BenchConfig) -> int:
     forward, task = model, get_task(PRETRAIN_TASK)
     if method != "pretrain":
         adapter = make_adapter(method, model.requires_grad_(False)).to(bench.device).train()
-        forward, task = (lambda t: adapter(model, t)), get_task(TUNE_TASK)
+        forward, task = partial(adapter, model), get_task(TUNE_TASK)
     batch = task.batch(bench.batch_size, generator=torch.Generator().manual_seed(0))
     batch = batch.to(bench.device)
     with FlopCounterMode(display=False) as counter:
@@ -281,7 +282,7 @@ def peer_prefix(name: str, bench: BenchConfig) -> dict:
 
     def peer_step():
         batch = task.batch(bench.batch_size, "train", data).to(bench.device)
-        logits = output_logits(lambda t: model(input_ids=t).logits, batch.tokens, task)
+        logits = output_logits(lambda t, positions: model(input_ids=t).logits, batch.tokens, task)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

@@ -167,13 +167,17 @@ class Attention(nn.Module):
         return _project(x, self.W_K, self.b_K), _project(x, self.W_V, self.b_V)
 
     def forward(
-        self, x: Float[Tensor, "batch pos d_model"], prefix: KVPrefix | None = None
-    ) -> Float[Tensor, "batch pos d_model"]:
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        prefix: KVPrefix | None = None,
+        queries: slice = slice(None),
+    ) -> Float[Tensor, "batch query d_model"]:
+        """Attention output at the ``queries`` positions of ``x`` (default: all of them)."""
         batch, T, _ = x.shape
         # Queries, keys and values in one matmul: heads [Q..., K..., V...].
         W = torch.cat([self.W_Q, self.W_K, self.W_V])
         q, k, v = _project(x, W, torch.cat([self.b_Q, self.b_K, self.b_V])).chunk(3, dim=-2)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = self.hook_q(q[:, queries]), self.hook_k(k), self.hook_v(v)
         P = 0
         if prefix is not None:
             P = prefix.length
@@ -181,7 +185,7 @@ class Attention(nn.Module):
             k = torch.cat([self.hook_prefix_k(prefix.keys.expand(shape)), k], dim=1)
             v = torch.cat([self.hook_prefix_v(prefix.values.expand(shape)), v], dim=1)
         # Query t sees every prefix column and content columns 0..t.
-        allowed = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+        allowed = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)[queries]
         p_drop = self.cfg.dropout if self.training else 0.0
 
         if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
@@ -236,9 +240,16 @@ class Block(nn.Module):
         for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], prefix: KVPrefix | None = None):
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        prefix: KVPrefix | None = None,
+        queries: slice = slice(None),
+    ) -> Float[Tensor, "batch query d_model"]:
+        """The residual stream after this block at the ``queries`` positions (default: all)."""
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix))))
+        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix, queries)))
+        x = self.hook_resid_mid(x[:, queries] + attn_out)
         if self.mlp is not None:
             x = x + self.hook_mlp_out(self.drop(self.mlp(self.ln2(x))))
         return self.hook_resid_post(x)
@@ -252,6 +263,8 @@ class Transformer(HookedRootModule):
     ``prompt`` is a soft prompt [P, d_model] (or [batch, P, d_model]) prepended to the embedded
     content at the input only, taking no positional slot; with a prompt, residual-stream hooks
     have P + T positions, prompt first, and only the content's logits are returned.
+    ``positions=slice(a, b)`` returns only content positions a..b-1 and skips the last layer's
+    work elsewhere (that layer's hooks after its keys and values then see only those positions).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -282,8 +295,9 @@ class Transformer(HookedRootModule):
         tokens: Int[Tensor, "batch pos"],
         prefix: Sequence[KVPrefix | None] | None = None,
         prompt: Float[Tensor, "... P d_model"] | None = None,
-    ) -> Float[Tensor, "batch pos d_vocab"]:
-        self.check_inputs(tokens, prefix, prompt)
+        positions: slice = slice(None),
+    ) -> Float[Tensor, "batch position d_vocab"]:
+        self.check_inputs(tokens, prefix, prompt, positions)
         batch, T = tokens.shape
         x = self.hook_embed(F.embedding(tokens, self.W_E)) + self.hook_pos_embed(self.W_pos[:T])
         P = 0
@@ -291,11 +305,18 @@ class Transformer(HookedRootModule):
             P = prompt.shape[-2]
             x = torch.cat([prompt.expand(batch, P, self.cfg.d_model), x], dim=1)
         x = self.drop(x)
+        # Every position is a key to the layer above, but the last layer only needs queries at
+        # the positions whose logits are asked for (a training step: the output positions).
+        # By default every position, the prompt's included, goes through (hooks see them all).
+        start, stop, _ = positions.indices(T)
+        cut = slice(None) if positions == slice(None) else slice(P + start, P + stop)
+        last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
-            x = block(x, prefix[layer] if prefix is not None else None)
-        return self.ln_final(x[:, P:]) @ self.W_U
+            queries = cut if layer == last else slice(None)
+            x = block(x, prefix[layer] if prefix is not None else None, queries)
+        return self.ln_final(x if cut != slice(None) else x[:, P:]) @ self.W_U
 
-    def check_inputs(self, tokens, prefix, prompt):
+    def check_inputs(self, tokens, prefix, prompt, positions=slice(None)):
         """Raise a ValueError naming the field and the fix for any input the model cannot take."""
         cfg = self.cfg
         if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
@@ -337,6 +358,10 @@ class Transformer(HookedRootModule):
                         f"prefix[{layer}] has P={p.length} positions, more than "
                         f"max_prefix={cfg.max_prefix}; use a shorter prefix or raise max_prefix"
                     )
+        if not isinstance(positions, slice) or positions.step not in (None, 1):
+            raise ValueError(
+                f"positions must be a contiguous slice such as slice(9, None); got {positions!r}"
+            )
         if prompt is not None:
             if prompt.ndim not in (2, 3) or prompt.shape[-1] != cfg.d_model:
                 raise ValueError(

@@ -23,7 +23,9 @@ from tasks import Batch, Task, test_set
 FUSED_ADAMW = torch.__version__ >= "2.4"
 EVAL_CHUNK = 256  # sequences per forward pass in evaluate()
 
-Forward = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos d_vocab"]]
+# forward(tokens [batch, pos], positions=slice(a, b)) -> logits [batch, b - a, d_vocab]:
+# ``model`` or ``partial(adapter, model)``. Returning every position is allowed too.
+Forward = Callable[..., Float[Tensor, "batch position d_vocab"]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -104,10 +106,11 @@ def pretrain(task: Task, model, cfg: TrainConfig):
 def output_logits(forward: Forward, tokens: Int[Tensor, "batch seq"], task: Task) -> Tensor:
     """Logits at the positions that predict the output tokens: [batch, output_len, d_vocab].
 
-    The model reads tokens[:, :-1]; position input_len - 1 + i predicts output token i.
+    The model reads tokens[:, :-1]; position input_len - 1 + i predicts output token i. Only
+    those positions are asked for, so the model can skip the rest of its last layer.
     """
-    logits = forward(tokens[:, :-1])
-    return logits[:, task.input_len - 1 :]
+    logits = forward(tokens[:, :-1], positions=slice(task.input_len - 1, None))
+    return logits[:, -task.output_len :]
 
 
 @torch.no_grad()
@@ -130,7 +133,7 @@ def generate(forward: Forward, inputs: Int[Tensor, "batch in_len"], n_new: int) 
     """Greedy autoregressive decode: returns the n_new generated tokens [batch, n_new]."""
     tokens = inputs
     for _ in range(n_new):
-        next_token = forward(tokens)[:, -1].argmax(-1, keepdim=True)
+        next_token = forward(tokens, positions=slice(-1, None))[:, -1].argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, next_token], dim=1)
     return tokens[:, inputs.shape[1] :]
 

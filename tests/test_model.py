@@ -70,6 +70,25 @@ def test_fused_attention_equals_explicit_path():
     torch.testing.assert_close(fused, explicit, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_layers", [1, 3])
+@pytest.mark.parametrize("positions", [slice(4, None), slice(0, 1), slice(-1, None), slice(2, 6)])
+def test_positions_return_exactly_those_logits(n_layers, positions):
+    # The last layer computes queries only at the asked positions; nothing else may change,
+    # with a prefix, with a prompt, and on the hooked (explicit) path.
+    model = make(n_layers=n_layers)
+    x, pre = tokens(), random_prefix(model, 3)
+    prompt = torch.randn(2, model.cfg.d_model, dtype=torch.float64)
+    for kwargs in ({}, {"prefix": pre}, {"prompt": prompt}):
+        full = model(x, **kwargs)[:, positions]
+        torch.testing.assert_close(
+            model(x, positions=positions, **kwargs), full, atol=1e-12, rtol=0
+        )
+        hooked, _ = model.run_with_cache(x, positions=positions, **kwargs)
+        torch.testing.assert_close(hooked, full, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="contiguous slice"):
+        model(x, positions=slice(0, None, 2))
+
+
 def test_empty_prefix_changes_nothing():
     model = make()
     x = tokens()

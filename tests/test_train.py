@@ -81,7 +81,7 @@ def test_non_finite_loss_raises_and_cli_saves_nothing(tmp_path, capsys):
     model = tiny()
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
         train(
-            lambda t: model(t) * float("nan"),
+            lambda t, positions: model(t, positions=positions) * float("nan"),
             model.parameters(),
             get_task("copy"),
             TrainConfig(steps=3, progress=False),
