@@ -163,7 +163,12 @@ class Prefix(Adapter):
 
 
 class VirtualTokenPrefix(Adapter):
-    """The paper's virtual tokens: per-layer vectors through that layer's ln1, W_K and W_V."""
+    """The paper's virtual tokens: per-layer vectors through that layer's ln1, W_K and W_V.
+
+    They start as N(0, std of the token embeddings), the scale of the residual stream they join.
+    (Unit-variance vectors swamp it where there is no ln1: at the 02 shape a P=1 prefix reached
+    20% on add1 in 200 steps from N(0, 1), and 99% in 100 steps from this scale.)
+    """
 
     method = "vt-prefix"
 
@@ -172,7 +177,8 @@ class VirtualTokenPrefix(Adapter):
         c = base.cfg
         _check_length(length, c.max_prefix)
         self.length = length
-        self.vectors = nn.Parameter(torch.randn(c.n_layers, length, c.d_model).to(base.W_E))
+        scale = base.W_E.detach().std()
+        self.vectors = nn.Parameter(scale * torch.randn(c.n_layers, length, c.d_model).to(base.W_E))
 
     def prefix(self, base):
         return vt_to_prefix(base, self.vectors)

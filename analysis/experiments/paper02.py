@@ -40,7 +40,7 @@ def base_runs(p: Profile) -> list[Run]:
             "mix4",
             preset="02",
             model=model_overrides(p),
-            steps=p.pick(40, 600, 20000),
+            steps=p.pick(40, 2000, 20000),
             lr=p.pick(3e-3, 3e-3, 5e-4),
             seed=s,
             eval_tasks=TASKS,
@@ -55,7 +55,7 @@ def tuned(p: Profile, base: Run, method: str, task: str) -> Run:
         method=method,
         base=base,
         seed=base.seed,
-        steps=p.pick(20, 200, 30000),
+        steps=p.pick(20, 300, 30000),
         lr=p.pick(None, None, 5e-5),
         options=(("length", LENGTH),),
         eval_tasks=TASKS,
@@ -90,30 +90,36 @@ def attn_out(store: Store, run: Run, tokens: torch.Tensor, positions: slice) -> 
 
 def pca_scatter(store: Store, base: Run, prefixes: dict[str, Run], path: Path, title: str):
     """Attention outputs at the output positions of the same mix4 test sequences, for the base
-    and each task's prefix, projected onto the top-2 principal components of them all."""
+    and each task's prefix, projected onto the top-2 principal components of them all: one
+    panel per prefix, drawn over the base's cloud (grey) on shared axes."""
     mix = get_task("mix4")
     tokens = test_set(mix, 200).tokens[:, :-1]
     positions = slice(mix.input_len - 1, None)
-    groups = {"no prefix (base)": attn_out(store, base, tokens, positions)}
-    groups |= {f"prefix {t}": attn_out(store, r, tokens, positions) for t, r in prefixes.items()}
-    everything = torch.cat(list(groups.values()))
+    groups = {t: attn_out(store, r, tokens, positions) for t, r in prefixes.items()}
+    base_out = attn_out(store, base, tokens, positions)
+    everything = torch.cat([base_out, *groups.values()])
     mean = everything.mean(0)
     _, _, v = torch.pca_lowrank(everything - mean, q=2, center=False)
-    fig, ax = plt.subplots(figsize=(6, 4.8))
-    for name, x in groups.items():
-        xy = ((x - mean) @ v[:, :2]).numpy()
-        ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.35, label=name)
-        ax.scatter(
-            *xy.mean(0),
-            s=90,
-            marker="X",
-            edgecolor="black",
-            color=ax.collections[-1].get_facecolor()[0][:3],
-        )
-    ax.set_xlabel("principal component 1")
-    ax.set_ylabel("principal component 2")
-    ax.set_title(title)
-    ax.legend(fontsize=8, markerscale=4, loc="best")
+
+    def project(x: torch.Tensor):
+        return ((x - mean) @ v[:, :2]).numpy()
+
+    base_xy = project(base_out)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(3.2 * len(groups), 3.6), sharex=True, sharey=True
+    )
+    for ax, (task, x), colour in zip(axes, groups.items(), plt.cm.tab10.colors, strict=False):
+        xy = project(x)
+        ax.scatter(*base_xy.T, s=3, color="0.6", alpha=0.4, label="no prefix (base)")
+        ax.scatter(*xy.T, s=3, color=colour, alpha=0.4, label=f"prefix {task}")
+        ax.scatter(*base_xy.mean(0), s=80, marker="X", color="0.3", edgecolor="black")
+        ax.scatter(*xy.mean(0), s=80, marker="X", color=colour, edgecolor="black")
+        ax.set_title(f"prefix trained on {task}", fontsize=10)
+        ax.set_xlabel("principal component 1")
+        ax.legend(fontsize=7, markerscale=4, loc="best")
+    axes[0].set_ylabel("principal component 2")
+    fig.suptitle(title)
+    fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
@@ -233,11 +239,11 @@ def report(store: Store, p: Profile, out: Path) -> Section:
             Figure(
                 "paper02_attn_out_pca.png",
                 "Attention-block outputs at the 10 output positions of 200 mix4 test sequences "
-                "(the same sequences for all), for the base and for each task's prefix (seed 0), "
-                "projected onto the top-2 principal components of all of them; crosses mark "
-                "each group's mean. A prefix can only add a bias to these outputs (it never "
-                "re-weights the content attention), so how far each group's mean moves from "
-                "the base's shows how strong that bias is.",
+                "(the same sequences for all), for the base (grey, in every panel) and for each "
+                "task's prefix (one panel each, seed 0), projected onto the top-2 principal "
+                "components of all of them; crosses mark each group's mean. A prefix can only "
+                "add a bias to these outputs (it never re-weights the content attention), so "
+                "how far each group's mean moves from the base's shows how strong that bias is.",
             ),
         ],
         claims=[

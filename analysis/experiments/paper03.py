@@ -54,7 +54,7 @@ def base_runs(p: Profile) -> list[Run]:
             "mix4",
             preset="03",
             model=model_overrides(p),
-            steps=p.pick(40, 1000, 40000),
+            steps=p.pick(40, 2000, 40000),
             lr=p.pick(3e-3, 3e-3, 5e-4),
             seed=s,
             eval_tasks=PRETRAIN + NEW,
@@ -69,7 +69,7 @@ def tuned(p: Profile, base: Run, task: str) -> Run:
         method="vt-prefix",
         base=base,
         seed=base.seed,
-        steps=p.pick(20, 200, 30000),
+        steps=p.pick(20, 300, 30000),
         lr=p.pick(None, None, 5e-5),
         options=(("length", LENGTH),),
     )

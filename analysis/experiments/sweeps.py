@@ -40,7 +40,7 @@ def base_runs(p: Profile) -> list[Run]:
             "mix4",
             preset=name,
             model=overrides,
-            steps=p.pick(60, 600, 20000),
+            steps=p.pick(60, 2000, 20000),
             lr=3e-3,
             batch_size=64,
             seed=s,

@@ -32,7 +32,7 @@ def models(p: Profile) -> list[tuple[str, Run]]:
         for m in study.METHODS:
             out.append((f"study {pair[0]}->{pair[1]}", study.method_runs(p, pair, m)[0]))
     for n in study.prefix_lengths(p)[1:]:
-        out.append((f"study copy->reverse P={n}", study.length_runs(p, n)[0]))
+        out.append((f"study {'->'.join(study.MAIN)} P={n}", study.length_runs(p, n)[0]))
     base = paper01.base_runs(p)[0]
     out += [("paper01", paper01.tuned(p, base, m)) for m in paper01.METHODS]
     return out
