@@ -36,6 +36,12 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
         help="stop early once held-out exact match reaches this fraction",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (default 0: torch's choice, one per core); use 1 on a shared machine",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -269,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("pretrain", "tune") and args.threads:
+        if args.threads < 0:
+            print(f"probe {args.command}: error: --threads must be >= 0", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     try:
         return args.run(args)
     except (ValueError, KeyError, FileNotFoundError, TrainingDiverged, MissingExtraError) as e:

@@ -120,10 +120,12 @@ def test_pretrain_cli_trains_saves_and_reports(tmp_path, capsys):
             str(out),
             "--steps",
             "20",
+            "--threads",
+            "1",
             "--no-progress",
         ]
     )
-    assert code == 0
+    assert code == 0 and torch.get_num_threads() == 1
     report = capsys.readouterr().out
     assert "held-out exact match" in report and "parameters" in report
     assert Transformer.load(out).cfg == preset("tiny")
@@ -138,6 +140,8 @@ def test_task_that_does_not_fit_the_model_is_refused(capsys):
         check_fits(small, long_task)
     assert main(["pretrain", "--task", "nope", "--out", "x", "--steps", "1"]) == 2
     assert "nope" in capsys.readouterr().err
+    assert main(["pretrain", "--task", "copy", "--out", "x", "--threads", "-1"]) == 2
+    assert "--threads must be >= 0" in capsys.readouterr().err
 
 
 def test_train_config_validation():

@@ -145,7 +145,7 @@ def lr_range(by_lr: list[list[float]]) -> float:
 
 
 def verdict_lr(prefix: list[list[float]], full: list[list[float]]) -> str:
-    """Claim 8, against full fine-tuning on the same relative grid (0.1x, 1x, 10x the default):
+    """Claim 8, against full fine-tuning on learning-rate grids of the same width (100x):
     prefix's accuracy range over learning rates exceeds full FT's by 10 pp, or its worst seed
     sd exceeds 10 pp and twice full FT's -> supported; prefix's range and worst sd are both no
     larger than full FT's -> refuted; else depends."""

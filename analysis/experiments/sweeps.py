@@ -30,7 +30,9 @@ OPTIONS = {
     "prompt": {"length": 1, "init": "random"},
     "prefix+lora": {"length": 1, **LORA},
 }
-LR_FACTORS = {"prefix": (0.1, 1.0, 10.0), "full": (0.1, 1.0, 10.0)}
+# Both grids span 100x around the method's default; prefix's default is already the top of the
+# range where its training is stable (DEFAULT_LR's comment), so its grid extends downwards.
+LR_FACTORS = {"prefix": (0.01, 0.1, 1.0), "full": (0.1, 1.0, 10.0)}
 
 
 def base_runs(p: Profile) -> list[Run]:
