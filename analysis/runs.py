@@ -58,9 +58,16 @@ class Run:
             get_task(name)
 
     def spec(self) -> dict:
+        """Everything that determines the result; defaults resolved, so that changing a
+        default (``DEFAULT_LR``) changes the key instead of reusing a stale result."""
         d = asdict(self)
         d["base"] = self.base.key if self.base else None
+        d["lr"] = self.effective_lr
         return d
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr or (DEFAULT_LR[self.method] if self.method else 3e-3)
 
     @property
     def key(self) -> str:
@@ -73,10 +80,9 @@ class Run:
         return f"{what} {self.task} seed {self.seed}"
 
     def train_config(self, device: str) -> TrainConfig:
-        lr = self.lr or (DEFAULT_LR[self.method] if self.method else 3e-3)
         return TrainConfig(
             steps=self.steps,
-            lr=lr,
+            lr=self.effective_lr,
             batch_size=self.batch_size,
             seed=self.seed,
             target_accuracy=self.target_accuracy,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from analysis import runs
 from analysis.experiments import EXPERIMENTS, ledger
 from analysis.report import PROFILES
 from analysis.reproduce import reproduce
@@ -75,6 +76,15 @@ def test_run_key_changes_with_method_and_base():
     tuned = Run("reverse", preset="tiny", method="prefix", base=base, steps=20)
     assert variant(tuned, method="prompt").key != tuned.key
     assert variant(tuned, base=tiny_base(seed=1)).key != tuned.key
+
+
+def test_run_key_follows_the_default_learning_rate(monkeypatch):
+    # lr=None means DEFAULT_LR[method]: a changed default must not reuse a stale result.
+    tuned = Run("reverse", preset="tiny", method="prefix", base=tiny_base(), steps=20)
+    before = tuned.key
+    monkeypatch.setitem(runs.DEFAULT_LR, "prefix", runs.DEFAULT_LR["prefix"] / 2)
+    assert tuned.key != before
+    assert tuned.key == variant(tuned, lr=runs.DEFAULT_LR["prefix"]).key
 
 
 def test_every_field_is_covered():
