@@ -67,7 +67,9 @@ def heatmap_grid(
         ax.axhline(input_len - 0.5, color="white", lw=0.8)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    fig.suptitle(title)
+    height = fig.get_figheight()  # keep the title ~0.3 inch above the top row, at any size
+    fig.subplots_adjust(top=1 - 0.8 / height)
+    fig.suptitle(title, y=1 - 0.25 / height)
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -167,8 +167,10 @@ def drift_heatmaps(rows: list[str], local, down, path: Path, title: str) -> None
             cmap="magma",
             aspect="auto",
         )
+        middle = np.sqrt(floor * vmax)  # geometric middle of the colour scale
         for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, f"{v:.1e}", ha="center", va="center", fontsize=7, color="tab:cyan")
+            colour = "black" if v > middle else "white"  # dark text on the bright cells
+            ax.text(j, i, f"{v:.1e}", ha="center", va="center", fontsize=7, color=colour)
         ax.set_xticks(range(values.shape[1]), [f"layer {j}" for j in range(values.shape[1])])
         ax.set_yticks(range(len(rows)), rows)
         ax.set_xlabel("layer")
