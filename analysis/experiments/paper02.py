@@ -99,10 +99,11 @@ def pca_scatter(store: Store, base: Run, prefixes: dict[str, Run], path: Path, t
     base_out = attn_out(store, base, tokens, positions)
     everything = torch.cat([base_out, *groups.values()])
     mean = everything.mean(0)
-    _, _, v = torch.pca_lowrank(everything - mean, q=2, center=False)
+    # Exact SVD, not pca_lowrank: its random projection would redraw the figure on every run.
+    _, _, vh = torch.linalg.svd(everything - mean, full_matrices=False)
 
     def project(x: torch.Tensor):
-        return ((x - mean) @ v[:, :2]).numpy()
+        return ((x - mean) @ vh[:2].T).numpy()
 
     base_xy = project(base_out)
     fig, axes = plt.subplots(
