@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import random_prefix, tokens
 
 from probe import io
 from probe.model import KVPrefix, ModelConfig, Transformer, preset
@@ -10,23 +11,6 @@ from probe.model import KVPrefix, ModelConfig, Transformer, preset
 def make(name="tiny", seed=0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(preset(name, dropout=0.0, **overrides)).double().eval()
-
-
-def random_prefix(model, P, seed=1, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    c = model.cfg
-    shape = (P, c.n_heads, c.d_head)
-    return [
-        KVPrefix(
-            scale * torch.randn(shape, generator=g, dtype=torch.float64),
-            torch.randn(shape, generator=g, dtype=torch.float64),
-        )
-        for _ in range(c.n_layers)
-    ]
-
-
-def tokens(batch=3, T=9, vocab=11, seed=2):
-    return torch.randint(0, vocab, (batch, T), generator=torch.Generator().manual_seed(seed))
 
 
 def test_hook_names_and_shapes():

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import random_prefix, tokens
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -54,23 +55,6 @@ def random_model(n_layers=2, n_heads=2, d_head=8, seed=0, attn_ln=True, mlp=True
             else:
                 p.normal_(0.0, 0.5)
     return model
-
-
-def random_prefix(model, P, scale=1.0, seed=1, batch=None) -> list[KVPrefix]:
-    g = torch.Generator().manual_seed(seed)
-    c = model.cfg
-    shape = (P, c.n_heads, c.d_head) if batch is None else (batch, P, c.n_heads, c.d_head)
-    return [
-        KVPrefix(
-            scale * torch.randn(shape, generator=g, dtype=torch.float64),
-            torch.randn(shape, generator=g, dtype=torch.float64),
-        )
-        for _ in range(c.n_layers)
-    ]
-
-
-def tokens(batch=3, T=9, seed=2, vocab=11):
-    return torch.randint(0, vocab, (batch, T), generator=torch.Generator().manual_seed(seed))
 
 
 def perturbed(model, leaves, seed=3, lora=False) -> Transformer:
