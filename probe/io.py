@@ -45,6 +45,11 @@ def save_dir(
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / name)
         for name, obj in jsons.items():
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        # mkdtemp makes 0700 and safetensors writes 0600: use the umask, as open() does for JSON.
+        mask = umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for name in (*tensors, *jsons):
+            os.chmod(tmp / name, 0o666 & ~mask)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -57,6 +62,17 @@ def save_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it, else set and reset."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln for ln in status.splitlines() if ln.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o077)
+        os.umask(mask)
+        return mask
 
 
 def read_json(path: Path, expect_format: str) -> dict:

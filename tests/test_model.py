@@ -1,5 +1,8 @@
 """The hooked transformer: hook names and shapes, the prefix path, validation, save/load."""
 
+import os
+import stat
+
 import pytest
 import torch
 from helpers import random_prefix, tokens
@@ -171,6 +174,33 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert loaded.fingerprint() == model.fingerprint()
     assert sorted(p.name for p in (tmp_path).iterdir()) == ["m"]  # no temporary left behind
+
+
+def test_saves_follow_the_umask(tmp_path):
+    """A shared results folder stays readable as the user's umask says (mkdtemp's 0700 and
+    safetensors' 0600 used to leak through, while the JSON files followed the umask)."""
+    from probe.adapters import make_adapter
+
+    model = make()
+    for mask, dir_mode, file_mode in ((0o022, 0o755, 0o644), (0o027, 0o750, 0o640)):
+        old = os.umask(mask)
+        try:
+            saved = [
+                model.save(tmp_path / f"m{mask:o}"),
+                model.save(tmp_path / f"m{mask:o}"),  # over an existing directory
+                make_adapter("prefix", model).save(tmp_path / f"a{mask:o}", model),
+            ]
+        finally:
+            os.umask(old)
+        for path in saved:
+            assert stat.S_IMODE(path.stat().st_mode) == dir_mode, path
+            for f in path.iterdir():
+                assert stat.S_IMODE(f.stat().st_mode) == file_mode, f
+    old = os.umask(0o027)
+    try:
+        assert io.umask() == 0o027 and os.umask(0o027) == 0o027  # read, and left unchanged
+    finally:
+        os.umask(old)
 
 
 def test_corrupt_or_truncated_files_fail_clearly(tmp_path):
