@@ -37,7 +37,7 @@ from torch.func import functional_call
 from transformer_lens import ActivationCache
 
 from probe import io
-from probe.model import KVPrefix, Transformer
+from probe.model import KVPrefix, Transformer, eval_mode
 from probe.train import TrainConfig, TrainResult, check_fits, train
 from tasks import Task
 
@@ -346,23 +346,42 @@ def load_adapter(path: str | Path, base: Transformer) -> Adapter:
     return adapter.to(base.device)
 
 
-def prompt_to_prefix(base: Transformer, prompt: Float[Tensor, "P d_model"]) -> list[KVPrefix]:
+def prompt_to_prefix(
+    base: Transformer, prompt: Float[Tensor, "P d_model"] | Float[Tensor, "batch P d_model"]
+) -> list[KVPrefix]:
     """The exact per-layer K/V prefix equivalent to a soft prompt.
 
     Under causal masking the prompt positions never see the content, so their residual streams,
     and hence their keys and values at every layer, are the same for every input: run the prompt
-    alone once and read them off.
+    alone once and read them off. Runs without dropout whatever ``base``'s mode (restored after).
+
+    prompt: [P, d_model], or [batch, P, d_model] for a prompt per example.
+    Returns one KVPrefix per layer: keys/values [P, head, d_head], or [batch, P, head, d_head].
     """
+    d = base.cfg.d_model
+    if not isinstance(prompt, Tensor) or prompt.ndim not in (2, 3) or prompt.shape[-1] != d:
+        got = tuple(prompt.shape) if isinstance(prompt, Tensor) else type(prompt).__name__
+        raise ValueError(
+            f"prompt_to_prefix takes a prompt [P, d_model={d}] or [batch, P, d_model]; got {got}"
+        )
     names = [f"blocks.{layer}.attn.hook_{kv}" for layer in range(base.cfg.n_layers) for kv in "kv"]
-    empty = torch.zeros(1, 0, dtype=torch.long, device=prompt.device)
-    _, cache = base.run_with_cache(empty, prompt=prompt, names_filter=names)
+    batch = prompt.shape[0] if prompt.ndim == 3 else 1
+    empty = torch.zeros(batch, 0, dtype=torch.long, device=prompt.device)
+    with eval_mode(base):  # dropout on the prompt would make the prefix random
+        _, cache = base.run_with_cache(empty, prompt=prompt, names_filter=names)
+    pick = (lambda t: t) if prompt.ndim == 3 else (lambda t: t[0])
     return [
-        KVPrefix(cache["k", layer][0], cache["v", layer][0]) for layer in range(base.cfg.n_layers)
+        KVPrefix(pick(cache["k", layer]), pick(cache["v", layer]))
+        for layer in range(base.cfg.n_layers)
     ]
 
 
 def vt_to_prefix(base: Transformer, vectors: Float[Tensor, "layer P d_model"]) -> list[KVPrefix]:
-    """The K/V prefix of the paper's virtual tokens: each layer's own ln1, W_K and W_V."""
+    """The K/V prefix of the paper's virtual tokens: each layer's own ln1, W_K and W_V.
+
+    Returns one KVPrefix per layer, keys/values [P, head, d_head]. No dropout on this path, so
+    it is exact in either mode (and differentiable: the vt-prefix adapter trains through it).
+    """
     return [
         KVPrefix(*block.attn.keys_values(block.ln1(v)))
         for block, v in zip(base.blocks, vectors, strict=True)
@@ -414,7 +433,11 @@ class Tuned(nn.Module):
         return self.adapters[name](self.base, tokens, positions)
 
     def run_with_cache(self, tokens, adapter: str | None = "active", **cache_kwargs):
-        """Logits and an ActivationCache of the base model's hooks, run with the adapter."""
+        """Logits and an ActivationCache of the base model's hooks, run with the adapter.
+
+        Warns once, like :meth:`Transformer.run_with_cache`, if the base is in training mode.
+        """
+        self.base.warn_if_dropout(stacklevel=3)
         cache, fwd, _ = self.base.get_caching_hooks(**cache_kwargs)
         with self.base.hooks(fwd_hooks=fwd):
             logits = self(tokens, adapter)

@@ -15,12 +15,21 @@ Readable in one sitting (after nanoGPT), with TransformerLens's hook names and w
 The one mechanism every tuning method reduces to is the per-layer prefix: P extra key/value
 positions per head, placed before the content keys. Prefix positions take no positional slot, so
 content positions stay 0..T-1 and content queries/keys are identical with and without a prefix.
+
+Modes: a model is built and loaded in eval mode (no dropout), ready to be probed; the training
+loop (:func:`probe.train.train`) puts what it trains in training mode while it steps and back in
+eval mode after. Dropout acts after ``hook_pattern`` and on the residual stream, so a cache
+recorded in training mode does not satisfy ``hook_z == hook_pattern @ v``:
+``run_with_cache`` warns once per model when asked to do that (:class:`DropoutActiveWarning`),
+and the conversions and probes that run a model do so under :func:`eval_mode`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -107,6 +116,24 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name].to_dict(), **overrides})
+
+
+class DropoutActiveWarning(UserWarning):
+    """A cache was recorded with dropout active: it does not hold the attention identities."""
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run the body with every submodule of ``modules`` in eval mode (no dropout), then restore
+    each submodule's own mode, whatever it was (also on an exception)."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 class KVPrefix(NamedTuple):
@@ -265,6 +292,9 @@ class Transformer(HookedRootModule):
     have P + T positions, prompt first, and only the content's logits are returned.
     ``positions=slice(a, b)`` returns only content positions a..b-1 and skips the last layer's
     work elsewhere (that layer's hooks after its keys and values then see only those positions).
+
+    Built in eval mode (no dropout), like :meth:`load`; ``probe.train.train`` sets training mode
+    while it steps. Call ``.train()`` yourself only for a training loop of your own.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -280,6 +310,8 @@ class Transformer(HookedRootModule):
         self.hook_pos_embed = HookPoint()
         self.init_weights()
         self.setup()
+        self.eval()  # ready for analysis; training code sets training mode itself
+        self._warned_dropout = False
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None):
@@ -375,9 +407,29 @@ class Transformer(HookedRootModule):
                 )
 
     def run_with_cache(self, *args, **kwargs) -> tuple[Tensor, ActivationCache]:
-        """Like TransformerLens: logits and an :class:`ActivationCache` of every hook."""
+        """Like TransformerLens: logits and an :class:`ActivationCache` of every hook.
+
+        In training mode with dropout > 0 this warns once per model (:class:`DropoutActiveWarning`):
+        dropout then acts after ``hook_pattern``, so the recorded pattern is not the one z was
+        computed with, and every call draws new noise.
+        """
+        self.warn_if_dropout(stacklevel=3)
         logits, cache = super().run_with_cache(*args, **kwargs)
         return logits, ActivationCache(cache, self)
+
+    def warn_if_dropout(self, stacklevel: int = 2) -> None:
+        """Warn, once per model, if a forward now would apply dropout (see run_with_cache)."""
+        if self.cfg.dropout == 0 or self._warned_dropout:
+            return
+        if any(m.training for m in self.modules()):
+            self._warned_dropout = True
+            warnings.warn(
+                f"recording a cache in training mode with dropout {self.cfg.dropout}: the pattern "
+                "is taken before dropout, so hook_z != hook_pattern @ v and each call differs; "
+                "call model.eval() first (probe's training loop sets training mode itself)",
+                DropoutActiveWarning,
+                stacklevel=stacklevel,
+            )
 
     @property
     def device(self) -> torch.device:
@@ -409,7 +461,7 @@ class Transformer(HookedRootModule):
             )
         model = cls(ModelConfig.from_dict(meta["config"])).to(state["W_E"].dtype)
         io.load_state(model, state, path / "model.safetensors")
-        return model.to(device)
+        return model.to(device).eval()  # ready for analysis, like a freshly built model
 
 
 def n_params(module: nn.Module) -> int:
