@@ -37,7 +37,7 @@ from torch.func import functional_call
 from transformer_lens import ActivationCache
 
 from probe import io
-from probe.model import KVPrefix, Transformer, eval_mode
+from probe.model import KVPrefix, Transformer, environment, eval_mode
 from probe.train import TrainConfig, TrainResult, check_fits, train
 from tasks import Task
 
@@ -99,6 +99,7 @@ class Adapter(nn.Module):
             "base_fingerprint": base.fingerprint(),
             "base_config": base.cfg.to_dict(),
             "n_params": self.n_params,
+            "environment": environment(base.device),  # threads etc.: see model.environment
         }
         return io.save_dir(
             path, {"adapter.safetensors": self.tensors(base)}, {"adapter_config.json": meta}

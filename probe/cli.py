@@ -40,7 +40,9 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
         "--threads",
         type=int,
         default=0,
-        help="CPU threads (default 0: torch's choice, one per core); use 1 on a shared machine",
+        help="CPU threads (default 0: torch's choice, one per core, so the saved weights depend "
+        "on the machine's core count; the count is recorded in the saved config's environment). "
+        "Use 1 on a shared machine, and the same N to compare results across machines",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -440,11 +440,16 @@ class Transformer(HookedRootModule):
         return io.fingerprint(self.state_dict())
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path/model.safetensors`` and ``path/config.json`` atomically."""
+        """Write ``path/model.safetensors`` and ``path/config.json`` atomically.
+
+        config.json also records :func:`environment` (thread count, device, torch version):
+        trained weights depend on them, so two saves can be compared knowingly.
+        """
         meta = {
             "format": "prefix-probe-model/1",
             "config": self.cfg.to_dict(),
             "fingerprint": self.fingerprint(),
+            "environment": environment(self.device),
         }
         return io.save_dir(path, {"model.safetensors": self.state_dict()}, {"config.json": meta})
 
@@ -462,6 +467,16 @@ class Transformer(HookedRootModule):
         model = cls(ModelConfig.from_dict(meta["config"])).to(state["W_E"].dtype)
         io.load_state(model, state, path / "model.safetensors")
         return model.to(device).eval()  # ready for analysis, like a freshly built model
+
+
+def environment(device: torch.device | str) -> dict:
+    """What besides the seed decides trained weights, recorded beside them when saved.
+
+    ``threads`` is torch's intra-op thread count in the saving process (``probe pretrain`` and
+    ``probe tune`` train and save in one process; ``--threads 0`` means one per core), since
+    the order of floating-point reductions, and so the weights, depends on it on CPU.
+    """
+    return {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__}
 
 
 def n_params(module: nn.Module) -> int:

@@ -1,5 +1,6 @@
 """The hooked transformer: hook names and shapes, the prefix path, validation, save/load."""
 
+import json
 import os
 import stat
 
@@ -201,6 +202,30 @@ def test_saves_follow_the_umask(tmp_path):
         assert io.umask() == 0o027 and os.umask(0o027) == 0o027  # read, and left unchanged
     finally:
         os.umask(old)
+
+
+def test_saves_record_the_environment(tmp_path):
+    """Trained weights depend on the thread count: config.json records it (and device, torch)."""
+    from probe.adapters import make_adapter
+
+    model = make()
+    environment = json.loads((model.save(tmp_path / "m") / "config.json").read_text())[
+        "environment"
+    ]
+    assert environment == {
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "torch": torch.__version__,
+    }
+    adapter = make_adapter("prefix", model).save(tmp_path / "a", model)
+    assert json.loads((adapter / "adapter_config.json").read_text())["environment"] == environment
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)
+    try:
+        threads = json.loads((model.save(tmp_path / "t") / "config.json").read_text())
+    finally:
+        torch.set_num_threads(before)
+    assert threads["environment"]["threads"] == before + 1
 
 
 def test_corrupt_or_truncated_files_fail_clearly(tmp_path):

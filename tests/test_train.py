@@ -1,5 +1,7 @@
 """The training loop, evaluation and the ``probe pretrain`` command."""
 
+import json
+
 import pytest
 import torch
 
@@ -129,6 +131,8 @@ def test_pretrain_cli_trains_saves_and_reports(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "held-out exact match" in report and "parameters" in report
     assert Transformer.load(out).cfg == preset("tiny")
+    # The weights depend on the thread count (0 = one per core), so the save records it.
+    assert json.loads((out / "config.json").read_text())["environment"]["threads"] == 1
 
 
 def test_task_that_does_not_fit_the_model_is_refused(capsys):
