@@ -20,8 +20,10 @@ Modes: a model is built and loaded in eval mode (no dropout), ready to be probed
 loop (:func:`probe.train.train`) puts what it trains in training mode while it steps and back in
 eval mode after. Dropout acts after ``hook_pattern`` and on the residual stream, so a cache
 recorded in training mode does not satisfy ``hook_z == hook_pattern @ v``:
-``run_with_cache`` warns once per model when asked to do that (:class:`DropoutActiveWarning`),
-and the conversions and probes that run a model do so under :func:`eval_mode`.
+``run_with_cache`` warns once per model when asked to do that (:class:`DropoutActiveWarning`).
+Conversions that run the model (``adapters.prompt_to_prefix``) do so under :func:`eval_mode`,
+which restores the caller's modes; ``vt_to_prefix`` and the probes (``probe.probes``, which read
+recorded caches) apply no dropout in either mode.
 """
 
 from __future__ import annotations
