@@ -45,6 +45,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_size: int = 3200
+    eval_given: int = 0  # held-out curve scores outputs after the first k (evaluate's given)
     target_accuracy: float | None = None  # stop early once held-out exact match reaches it
     train_size: int | None = None  # None: fresh samples every step; n: a fixed set of n samples
     seed: int = 0
@@ -78,7 +79,9 @@ class TrainResult:
     steps: int
     accuracy: float  # held-out exact match at the end
     seconds: float
-    history: list[dict] = field(default_factory=list)  # {"step", "loss", "accuracy"} per eval
+    # One point per evaluation: {"step", "sequences", "seconds", "loss", "accuracy"}; "loss" is
+    # the mean training loss since the previous point, "seconds" training time so far (no evals).
+    history: list[dict] = field(default_factory=list)
 
 
 def check_fits(model, task: Task) -> None:
@@ -114,18 +117,26 @@ def output_logits(forward: Forward, tokens: Int[Tensor, "batch seq"], task: Task
 
 
 @torch.no_grad()
-def evaluate(forward: Forward, task: Task, n: int = 3200, seed: int = 0, device="cpu") -> float:
+def evaluate(
+    forward: Forward, task: Task, n: int = 3200, seed: int = 0, device="cpu", given: int = 0
+) -> float:
     """Exact-match accuracy of the greedy decode on the fixed held-out test set.
 
     For a deterministic target, greedy decoding is exactly right iff the argmax is right at every
     output position under teacher forcing (the first wrong token is where both diverge), so one
     forward pass replaces output_len decoding steps. ``generate`` keeps the slow path to test it.
+
+    ``given=k`` hands the decoder the first k output tokens and scores the rest. With k=1 a mix4
+    base (no task token) is told which task it is on, so this measures the skills it holds
+    rather than its guess of the task.
     """
+    if not 0 <= given < task.output_len:
+        raise ValueError(f"given must be in [0, {task.output_len}), got {given}")
     batch = test_set(task, n, seed).to(device)
     # In chunks, so that a chunk's activations stay in cache: 1.5-2x faster on CPU.
     chunks = batch.tokens.split(EVAL_CHUNK)
     predictions = torch.cat([output_logits(forward, t, task).argmax(-1) for t in chunks])
-    return (predictions == batch.targets).all(-1).float().mean().item()
+    return (predictions == batch.targets)[:, given:].all(-1).float().mean().item()
 
 
 @torch.no_grad()
@@ -172,13 +183,14 @@ def train(
 
     def held_out() -> float:
         set_mode(False)
-        acc = evaluate(forward, task, cfg.eval_size, device=cfg.device)
+        acc = evaluate(forward, task, cfg.eval_size, device=cfg.device, given=cfg.eval_given)
         set_mode(True)
         return acc
 
     pool = task.batch(cfg.train_size, "train", data_rng) if cfg.train_size else None
     history: list[dict] = []
     start = time.perf_counter()
+    eval_seconds, loss_sum, loss_count = 0.0, torch.zeros(()), 0
     set_mode(True)
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc=task.name, leave=False)
     step, accuracy = 0, None
@@ -203,11 +215,25 @@ def train(
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimiser.step()
+        loss_sum, loss_count = loss_sum + loss.detach().cpu(), loss_count + 1
 
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            eval_start = time.perf_counter()
+            train_seconds = eval_start - start - eval_seconds
             accuracy = held_out()
-            history.append({"step": step + 1, "loss": loss.item(), "accuracy": accuracy})
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.1%}")
+            eval_seconds += time.perf_counter() - eval_start
+            mean_loss = (loss_sum / loss_count).item()
+            history.append(
+                {
+                    "step": step + 1,
+                    "sequences": (step + 1) * cfg.batch_size,
+                    "seconds": round(train_seconds, 3),
+                    "loss": mean_loss,
+                    "accuracy": accuracy,
+                }
+            )
+            loss_sum, loss_count = torch.zeros(()), 0
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{accuracy:.1%}")
             if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy:
                 break
     bar.close()
