@@ -139,3 +139,43 @@ def matrix_heatmap(
     fig.colorbar(image, ax=ax, label=cbar_label)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+
+
+def learning_curves(
+    panels: dict[str, dict[str, list[list[dict]]]],
+    path: Path,
+    title: str,
+    cols: int = 3,
+):
+    """Held-out accuracy against training step, one panel per group of runs.
+
+    ``panels[panel][series]`` holds one history per seed (``TrainResult.history``: dicts with
+    "step" and "accuracy"); a series keeps one colour, each seed is a line, so a reader sees at
+    a glance whether a number was still rising when its run stopped.
+    """
+    n = len(panels)
+    cols = min(n, cols)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels: dict[str, str] = {}  # series -> colour, shared by all panels for one legend
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
+        for label, histories in series.items():
+            colour = labels.setdefault(label, colours[len(labels) % len(colours)])
+            for history in histories:
+                steps = [0] + [h["step"] for h in history]
+                acc = [np.nan] + [100 * h["accuracy"] for h in history]
+                ax.plot(steps, acc, color=colour, lw=1.1, alpha=0.85, marker=".", ms=2.5)
+        ax.set_title(name)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("held-out exact match (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=c, lw=2) for c in labels.values()]
+    fig.legend(handles, list(labels), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8)
+    fig.suptitle(title + " (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

@@ -12,20 +12,29 @@ from analysis.runs import Run, Store
 
 @dataclass(frozen=True)
 class Profile:
-    """How big to run: ``smoke`` (seconds, for tests), ``quick`` (the README's main job, a
-    laptop CPU), ``paper`` (the paper's model sizes and budgets, meant for a GPU)."""
+    """How big to run: ``smoke`` (seconds, for tests), ``quick`` (the README's main job, about
+    half an hour on a 2-core laptop CPU), ``full`` (longer budgets where the quick profile's
+    curves still rise; about two hours on 2 cores), ``paper`` (the paper's model sizes and
+    budgets, meant for a GPU)."""
 
     name: str
 
-    def pick(self, smoke, quick, paper):
-        return {"smoke": smoke, "quick": quick, "paper": paper}[self.name]
+    def __post_init__(self):
+        if self.name not in PROFILE_NAMES:
+            raise ValueError(f"unknown profile {self.name!r}; choose from {PROFILE_NAMES}")
+
+    def pick(self, smoke, quick, paper, full=None):
+        """The value for this profile; ``full`` defaults to the quick profile's."""
+        full = quick if full is None else full
+        return {"smoke": smoke, "quick": quick, "full": full, "paper": paper}[self.name]
 
     @property
     def seeds(self) -> tuple[int, ...]:
         return self.pick((0,), (0, 1, 2), (0, 1, 2))
 
 
-PROFILES = {name: Profile(name) for name in ("smoke", "quick", "paper")}
+PROFILE_NAMES = ("smoke", "quick", "full", "paper")
+PROFILES = {name: Profile(name) for name in PROFILE_NAMES}
 
 
 @dataclass
@@ -74,6 +83,44 @@ def mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}% (n=1)"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}% (n={len(values)})"
+
+
+def rise(history: list[dict], tail: float = 0.25) -> float:
+    """How much held-out accuracy (a fraction) rose over the last ``tail`` of a run's curve.
+
+    Compares the final point with the last point at or before (1 - tail) of the steps; a run
+    whose curve still rises was cut off, and its final number is not a conclusion.
+    """
+    end = history[-1]
+    cut = (1 - tail) * end["step"]
+    earlier = [h for h in history if h["step"] <= cut] or history[:1]
+    return end["accuracy"] - earlier[-1]["accuracy"]
+
+
+FLAT = 0.02  # a curve that rose less than 2 points over its last quarter has flattened
+
+
+def curve_note(store: Store, runs: list[Run], target: float | None = None) -> str:
+    """'flat' or 'still rising (+x pp over the last quarter)' for a group of seeds, and, when
+    rising toward ``target``, the step a linear extrapolation of the last quarter reaches it."""
+    rises = [rise(store.result(r)["history"]) for r in runs]
+    worst = max(rises)
+    if worst < FLAT:
+        return "flat"
+    note = f"still rising (+{100 * worst:.1f} pp over the last quarter)"
+    if target is not None:
+        finals = [store.result(r)["history"][-1] for r in runs]
+        mean_final = statistics.mean(h["accuracy"] for h in finals)
+        slope = statistics.mean(rises) / (0.25 * finals[0]["step"])
+        if mean_final < target and slope > 0:
+            at = finals[0]["step"] + (target - mean_final) / slope
+            note += f"; a straight line through it reaches {100 * target:.0f}% near step {at:,.0f}"
+    return note
+
+
+def histories(store: Store, runs: list[Run]) -> list[list[dict]]:
+    """The learning curves (one per run) that ``plots.learning_curves`` draws."""
+    return [store.result(r)["history"] for r in runs]
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
