@@ -6,6 +6,13 @@ pretraining task; a prefix for the *new composition* "sort ascending, then add 1
 pretrained skills across layers and is learned much better than one for the *new task* "double
 histogram" (each output is how often that position's digit occurs), which needs an attention
 pattern (matching equal digits) that no pretraining task uses.
+
+The prefix here is the key/value prefix (``prefix``): every virtual-token prefix is one, so it
+can do at least as much, and a task it cannot learn the paper's prefix cannot learn either. The
+paper's virtual tokens replaced 10 padding tokens that its base had been pretrained with (an
+attention sink the prefix inherits) and trained for 500,000 iterations on the two new tasks;
+our bases see no padding, and a virtual-token prefix on the composition stays near 1% at the
+budgets we can afford (figures/recipes.md).
 """
 
 from __future__ import annotations
@@ -13,14 +20,25 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean
 
-from analysis.plots import bar_chart
-from analysis.report import Claim, Experiment, Figure, Profile, Section, accuracy, markdown_table
+from analysis.plots import bar_chart, learning_curves
+from analysis.report import (
+    Claim,
+    Experiment,
+    Figure,
+    Profile,
+    Section,
+    accuracy,
+    curve_note,
+    histories,
+    markdown_table,
+)
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
 
 PRETRAIN = ("sort_asc", "sort_desc", "add1", "add2")
 NEW = ("sort_asc_add1", "hist")
 LENGTH = 10
+METHOD = "prefix"
 PAPER = {
     "sort_asc": "99.69",
     "sort_desc": "99.59",
@@ -32,10 +50,11 @@ PAPER = {
 
 
 def model_overrides(p: Profile) -> tuple:
-    """The quick profile halves depth and width of the paper's 03 model to fit a CPU budget."""
+    """The quick and full profiles halve depth and width of the paper's 03 model to fit a CPU
+    budget, and drop dropout, which only slows these runs down (figures/recipes.md)."""
     return p.pick(
         (("d_mlp", 128), ("d_model", 32), ("n_heads", 2), ("n_layers", 2)),
-        (("d_mlp", 512), ("d_model", 128), ("n_layers", 2)),
+        (("d_mlp", 512), ("d_model", 128), ("dropout", 0.0), ("n_layers", 2)),
         (),
     )
 
@@ -43,9 +62,19 @@ def model_overrides(p: Profile) -> tuple:
 def model_name(p: Profile) -> str:
     return p.pick(
         "03 shrunk to 2 layers, 2 heads, d 32, MLP 128",
-        "03 shrunk to 2 layers, 4 heads, d 128, MLP 512 (the paper: 4 layers, d 256, MLP 1024)",
+        "03 shrunk to 2 layers, 4 heads, d 128, MLP 512, no dropout (the paper: 4 layers, "
+        "d 256, MLP 1024)",
         "03: 4 layers, 4 heads, d 256",
     )
+
+
+# Recipes from the time-to-accuracy search (``probe recipes``, figures/recipes.md): a mix4
+# base at the quick shape without dropout at lr 6e-3 and batch 128 reaches its no-task-token
+# floor in BASE_STEPS; a K/V prefix at lr 0.1 is the fastest of the learning rates tried.
+BASE = dict(batch_size=128, warmup=200, lr=6e-3)
+BASE_STEPS = (40, 4000, 40000, 8000)  # smoke, quick, paper, full
+PREFIX_STEPS = (20, 600, 30000, 1500)
+NEW_TASK_STEPS = (20, 1500, 500000, 4000)  # the paper gave its two new tasks 500,000 iterations
 
 
 def base_runs(p: Profile) -> list[Run]:
@@ -54,22 +83,25 @@ def base_runs(p: Profile) -> list[Run]:
             "mix4",
             preset="03",
             model=model_overrides(p),
-            steps=p.pick(40, 2000, 40000),
-            lr=p.pick(3e-3, 3e-3, 5e-4),
+            steps=p.pick(*BASE_STEPS),
+            lr=p.pick(3e-3, BASE["lr"], 5e-4, BASE["lr"]),
+            batch_size=p.pick(64, BASE["batch_size"], 64, BASE["batch_size"]),
+            warmup=p.pick(50, BASE["warmup"], 50, BASE["warmup"]),
             seed=s,
             eval_tasks=PRETRAIN + NEW,
+            eval_given=1,
         )
         for s in p.seeds
     ]
 
 
-def tuned(p: Profile, base: Run, task: str) -> Run:
+def tuned(p: Profile, base: Run, task: str, method: str = METHOD) -> Run:
     return Run(
         task,
-        method="vt-prefix",
+        method=method,
         base=base,
         seed=base.seed,
-        steps=p.pick(20, 300, 30000),
+        steps=p.pick(*(NEW_TASK_STEPS if task in NEW else PREFIX_STEPS)),
         lr=p.pick(None, None, 5e-5),
         options=(("length", LENGTH),),
     )
@@ -79,59 +111,106 @@ def runs(p: Profile) -> list[Run]:
     return [tuned(p, b, t) for b in base_runs(p) for t in PRETRAIN + NEW]
 
 
+# The acceptance bars, fixed before any result: every pretraining task elicited to >= 95%, the
+# composition to >= 50%, the new task kept at <= 5%.
+BARS = {"own": 0.95, "composition": 0.50, "new": 0.05}
+
+
+def verdict(own: dict[str, list[float]], curves: dict[str, str]) -> str:
+    """'supported' when every bar holds; otherwise what falls short, with its curve's state."""
+    means = {t: mean(v) for t, v in own.items()}
+    short = [
+        f"{t} {100 * means[t]:.1f}% < 95% ({curves[t]})" for t in PRETRAIN if means[t] < BARS["own"]
+    ]
+    if means["sort_asc_add1"] < BARS["composition"]:
+        short.append(
+            f"composition {100 * means['sort_asc_add1']:.1f}% < 50% ({curves['sort_asc_add1']})"
+        )
+    if means["hist"] > BARS["new"]:
+        return f"refuted: the new task hist reaches {100 * means['hist']:.1f}% (> 5%)"
+    return "supported" if not short else "depends: " + "; ".join(short)
+
+
 def report(store: Store, p: Profile, out: Path) -> Section:
     bases = base_runs(p)
-    prefixes = {t: [tuned(p, b, t) for b in bases] for t in PRETRAIN + NEW}
-    base_acc = {t: [accuracy(store, b, t) for b in bases] for t in PRETRAIN + NEW}
+    tasks = PRETRAIN + NEW
+    prefixes = {t: [tuned(p, b, t) for b in bases] for t in tasks}
+    base_acc = {t: [accuracy(store, b, t) for b in bases] for t in tasks}
+    skill = {t: [store.result(b)["accuracy_given"][t] for b in bases] for t in tasks}
     own = {t: [accuracy(store, r) for r in rs] for t, rs in prefixes.items()}
+    curves = {t: curve_note(store, rs) for t, rs in prefixes.items()}
     kind = {t: "pretraining task" for t in PRETRAIN} | {
         "sort_asc_add1": "new composition",
         "hist": "new task",
     }
-    rows = [[t, kind[t], ms(base_acc[t]), ms(own[t]), PAPER[t]] for t in PRETRAIN + NEW]
+    rows = [
+        [t, kind[t], ms(base_acc[t]), ms(skill[t]), ms(own[t]), curves[t], PAPER[t]] for t in tasks
+    ]
     n_params = store.result(prefixes["hist"][0])["n_params"]
     base_params = store.result(prefixes["hist"][0])["base_params"]
     table = markdown_table(
-        ["task", "kind", "base, no prefix", "prefix (P=10)", "paper prefix"], rows
+        [
+            "task",
+            "kind",
+            "base, no prefix",
+            "base, first output given",
+            f"prefix (P={LENGTH})",
+            "prefix curve (last quarter)",
+            "paper prefix",
+        ],
+        rows,
     )
+    steps = {t: prefixes[t][0].steps for t in tasks}
     caption = (
         f"Held-out exact match (mean ± sd over {len(bases)} seeds). Base: {model_name(p)}, "
-        f"{base_params:,} parameters, pretrained {bases[0].steps} steps on mix4; prefix: "
-        f"virtual-token prefix P={LENGTH} ({n_params:,} parameters), "
-        f"{prefixes['hist'][0].steps} steps per task (the paper: 40,000 and 30,000 steps)."
+        f"{base_params:,} parameters, pretrained {bases[0].steps} steps on mix4 (batch "
+        f"{bases[0].batch_size}, lr {bases[0].effective_lr:g}); 'first output given' hands the "
+        "base the first output token, which tells it the task, so it measures the skills the "
+        f"base holds. Prefix: key/value prefix P={LENGTH} ({n_params:,} parameters), "
+        f"{steps['sort_asc']} steps per pretraining task and {steps['hist']} per new task (the "
+        "paper: 40,000 pretraining iterations; 20,000 and 500,000 for its prefixes)."
     )
     bar_chart(
-        list(PRETRAIN + NEW),
+        list(tasks),
         {
-            "base, no prefix": [base_acc[t] for t in PRETRAIN + NEW],
-            f"prefix P={LENGTH}": [own[t] for t in PRETRAIN + NEW],
+            "base, no prefix": [base_acc[t] for t in tasks],
+            "base, first output given": [skill[t] for t in tasks],
+            f"prefix P={LENGTH}": [own[t] for t in tasks],
         },
         out / "paper03_accuracy.png",
         f"03: prefixes on a mix4 base ({model_name(p).split(' (')[0]})",
     )
-
-    comp, hist = mean(own["sort_asc_add1"]), mean(own["hist"])
-    holds = comp - hist >= 0.3
+    learning_curves(
+        {"mix4 base (first output given)": {"base": histories(store, bases)}}
+        | {f"prefix -> {t} ({kind[t]})": {"prefix": histories(store, prefixes[t])} for t in tasks},
+        out / "paper03_curves.png",
+        "03: learning curves, held-out exact match",
+    )
+    result = verdict(own, curves)
     return Section(
         title="Paper 03: prefixes combine pretrained skills but cannot learn a new task",
         text=__doc__.split("\n\n", 1)[1].strip()
         + f"\n\nModel: {model_name(p)}. Measured: composition {ms(own['sort_asc_add1'])} "
-        f"against double histogram {ms(own['hist'])} (paper 71.59 and 0.62)"
-        + (
-            "; the paper's conclusion holds."
-            if holds
-            else "; the gap the paper reports does NOT reproduce at this budget."
-        ),
+        f"against double histogram {ms(own['hist'])} (paper 71.59 and 0.62). Bars fixed before "
+        "the results: every pretraining task >= 95%, composition >= 50%, new task <= 5%. "
+        f"Verdict: {result}.",
         tables=[table + f"\n\n*Table*: {caption}"],
         figures=[
             Figure(
                 "paper03_accuracy.png",
-                f"Held-out exact match of the mix4 base ({model_name(p)}) without a prefix "
-                f"and with one "
+                f"Held-out exact match of the mix4 base ({model_name(p)}) without a prefix, "
+                "with the first output token given (the skills it holds), and with one "
                 f"P={LENGTH} prefix per task: the four pretraining tasks, the new composition "
                 "sort_asc_add1 and the new task hist. Bars: mean over seeds; whiskers: min-max; "
                 "dots: seeds.",
-            )
+            ),
+            Figure(
+                "paper03_curves.png",
+                "Learning curves of every paper-03 run (held-out exact match on 512 test "
+                "sequences while training; one line per seed): the base's curve scores outputs "
+                "after the first, and each prefix's curve its own task. A flat end means the "
+                "final number is converged at this budget, a rising one that the run was cut off.",
+            ),
         ],
         claims=[
             Claim(
@@ -140,7 +219,7 @@ def report(store: Store, p: Profile, out: Path) -> Section:
                 f"composition sort_asc_add1 {ms(own['sort_asc_add1'])} vs new task hist "
                 f"{ms(own['hist'])}; pretraining tasks "
                 + ", ".join(f"{t} {ms(own[t])}" for t in PRETRAIN),
-                "supported" if holds else "depends: not at this budget",
+                result,
             )
         ],
     )

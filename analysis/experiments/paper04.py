@@ -1,9 +1,9 @@
 """Paper experiment 04: at the same parameter count, LoRA learns a new task that a prefix cannot.
 
-On the paper-03 mix4 base (the very same base runs, trained once), a virtual-token prefix with
-P=12 and a rank-1 LoRA with exactly as many parameters are both tuned on the new task "double
-histogram". The prefix can only add a bias to each attention output and stays near 0%; LoRA
-changes the attention weights themselves and learns the task. Parameter count is not what limits
+On the paper-03 mix4 base (the very same base runs, trained once), a key/value prefix and a
+rank-1 LoRA with exactly as many parameters are both tuned on the new task "double histogram".
+The prefix can only add a bias to each attention output and stays near 0%; LoRA changes the
+attention weights themselves and learns the task. Parameter count is not what limits
 prefix-tuning: where it acts is. Full fine-tuning of the same base is a reference: it shows the
 task is learnable from this base at all within the budget.
 """
@@ -13,59 +13,121 @@ from __future__ import annotations
 from pathlib import Path
 
 from analysis.experiments import paper03
-from analysis.plots import bar_chart
-from analysis.report import Claim, Experiment, Figure, Profile, Section, accuracy, markdown_table
+from analysis.plots import bar_chart, learning_curves
+from analysis.report import (
+    Claim,
+    Experiment,
+    Figure,
+    Profile,
+    Section,
+    accuracy,
+    curve_note,
+    histories,
+    markdown_table,
+)
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
 
 TASK = "hist"
-# vt-prefix: n_layers * P * d_model = 12 d per layer. Rank-1 LoRA on W_Q (d x d: 2d), W_in
-# (d x 4d: 5d) and W_out (4d x d: 5d) is also 12 d per layer, so the counts are equal.
-OPTIONS = {
-    "vt-prefix": (("length", 12),),
-    "lora": (("rank", 1), ("targets", ("W_Q", "W_in", "W_out"))),
-    "full": (),
-}
+# LoRA's targets and learning rate come from the recipe search (figures/recipes.md); the
+# prefix's length is then set so that both train exactly as many parameters.
+LORA_TARGETS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
+LORA_LR = 3e-2
+
+
+def lora_params_per_layer(d_model: int, d_mlp: int, targets=LORA_TARGETS) -> int:
+    """Rank-1 LoRA parameters in one layer: d_in + d_out of each targeted matrix."""
+    size = {"W_Q": 2 * d_model, "W_K": 2 * d_model, "W_V": 2 * d_model, "W_O": 2 * d_model}
+    size |= {"W_in": d_model + d_mlp, "W_out": d_mlp + d_model}
+    return sum(size[t] for t in targets)
+
+
+def prefix_length(p: Profile) -> int:
+    """The K/V prefix length with LoRA's parameter count: a prefix position costs 2 d_model
+    per layer (a key and a value), so P = LoRA's per-layer count / (2 d_model)."""
+    cfg = dict(paper03.model_overrides(p))
+    d = cfg.get("d_model", 256)
+    per_layer = lora_params_per_layer(d, cfg.get("d_mlp", 4 * d))
+    if per_layer % (2 * d):
+        raise ValueError(f"no prefix length matches LoRA's {per_layer} parameters per layer")
+    return per_layer // (2 * d)
+
+
+def options(p: Profile, method: str) -> tuple:
+    return {
+        "prefix": (("length", prefix_length(p)),),
+        "lora": (("rank", 1), ("targets", LORA_TARGETS)),
+        "full": (),
+    }[method]
+
+
+METHODS = ("prefix", "lora", "full")
 LABEL = {
-    "vt-prefix": "prefix (virtual tokens, P=12)",
-    "lora": "LoRA rank 1 on W_Q, W_in, W_out",
+    "prefix": "K/V prefix",
+    "lora": "LoRA rank 1 on " + ", ".join(LORA_TARGETS),
     "full": "full fine-tuning (reference)",
 }
 PAPER = {
-    "vt-prefix": ("12,288", "0.31", "100,000"),
+    "prefix": ("12,288", "0.31", "100,000"),
     "lora": ("12,288", "92.38", "10,000"),
     "full": ("-", "-", "-"),
 }
-STEPS = {"vt-prefix": (20, 500, 100000), "lora": (20, 300, 10000), "full": (20, 1000, 10000)}
+STEPS = {"prefix": (20, 1500, 100000), "lora": (20, 1500, 10000), "full": (20, 1500, 10000)}
 
 
 def tuned(p: Profile, base: Run, method: str) -> Run:
-    paper_lr = {"vt-prefix": 5e-5, "lora": 5e-3, "full": None}[method]
+    paper_lr = {"prefix": 5e-5, "lora": 5e-3, "full": None}[method]
     return Run(
         TASK,
         method=method,
         base=base,
         seed=base.seed,
-        # The paper gave the prefix 10x LoRA's steps; here it gets ~2x.
         steps=p.pick(*STEPS[method]),
-        lr=p.pick(None, None, paper_lr),
-        options=OPTIONS[method],
+        lr=p.pick(None, LORA_LR if method == "lora" else None, paper_lr),
+        options=options(p, method),
     )
 
 
 def runs(p: Profile) -> list[Run]:
-    return [tuned(p, b, m) for b in paper03.base_runs(p) for m in OPTIONS]
+    return [tuned(p, b, m) for b in paper03.base_runs(p) for m in METHODS]
+
+
+# The acceptance bars, fixed before any result: LoRA >= 80% on hist, the prefix <= 5%.
+BARS = {"lora": 0.80, "prefix": 0.05}
+
+
+def verdict(acc: dict[str, list[float]], curves: dict[str, str]) -> str:
+    mean = {m: sum(v) / len(v) for m, v in acc.items()}
+    if mean["prefix"] > BARS["prefix"]:
+        return f"refuted: the prefix reaches {100 * mean['prefix']:.1f}% (> 5%)"
+    if mean["lora"] >= BARS["lora"]:
+        return "supported"
+    return (
+        f"depends: rank-1 LoRA reaches {100 * mean['lora']:.1f}% (< 80%; {curves['lora']}); "
+        f"full fine-tuning {100 * mean['full']:.1f}%"
+    )
 
 
 def report(store: Store, p: Profile, out: Path) -> Section:
     bases = paper03.base_runs(p)
-    by = {m: [tuned(p, b, m) for b in bases] for m in OPTIONS}
+    by = {m: [tuned(p, b, m) for b in bases] for m in METHODS}
     acc = {m: [accuracy(store, r) for r in rs] for m, rs in by.items()}
+    curves = {m: curve_note(store, rs) for m, rs in by.items()}
     n = {m: store.result(rs[0])["n_params"] for m, rs in by.items()}
     share = {m: n[m] / store.result(rs[0])["base_params"] for m, rs in by.items()}
+    label = {m: LABEL[m] + (f" (P={prefix_length(p)})" if m == "prefix" else "") for m in METHODS}
     rows = [
-        [LABEL[m], f"{n[m]:,}", f"{100 * share[m]:.2f}%", by[m][0].steps, ms(acc[m]), *PAPER[m]]
-        for m in OPTIONS
+        [
+            label[m],
+            f"{n[m]:,}",
+            f"{100 * share[m]:.2f}%",
+            by[m][0].steps,
+            f"{by[m][0].effective_lr:g}",
+            ms(acc[m]),
+            curves[m],
+            *PAPER[m],
+        ]
+        for m in METHODS
     ]
     table = markdown_table(
         [
@@ -73,7 +135,9 @@ def report(store: Store, p: Profile, out: Path) -> Section:
             "parameters",
             "share of base",
             "steps",
+            "lr",
             "hist",
+            "curve (last quarter)",
             "paper params",
             "paper hist",
             "paper steps",
@@ -82,56 +146,54 @@ def report(store: Store, p: Profile, out: Path) -> Section:
     )
     caption = (
         f"Held-out exact match on double histogram (mean ± sd over {len(bases)} seeds) on the "
-        f"paper-03 mix4 base ({paper03.model_name(p)}). The parameter counts are equal by "
-        "construction (12 d_model per layer each); full fine-tuning trains every weight."
+        f"paper-03 mix4 base ({paper03.model_name(p)}). The prefix and LoRA train exactly as "
+        "many parameters; full fine-tuning trains every weight. The paper's LoRA targeted W_O, "
+        "W_in and W_out only; at this model's size that learns hist far too slowly for a CPU "
+        "budget (figures/recipes.md), so LoRA here also adapts W_Q, W_K and W_V, and the "
+        "prefix grows to match its count."
     )
     bar_chart(
         [TASK],
-        {f"{LABEL[m]} ({n[m]:,} params)": [acc[m]] for m in OPTIONS},
+        {f"{label[m]} ({n[m]:,} params)": [acc[m]] for m in METHODS},
         out / "paper04_prefix_vs_lora.png",
         "04: a new task at equal parameter count",
     )
-    mean = {m: sum(v) / len(v) for m, v in acc.items()}
-    holds = mean["lora"] - mean["vt-prefix"] >= 0.3
-    if holds:
-        verdict = "supported"
-    elif mean["full"] >= 0.3:
-        verdict = (
-            f"depends: hist is learnable from this base (full FT {100 * mean['full']:.1f}%), "
-            "but not by rank-1 LoRA at this budget"
-        )
-    else:
-        verdict = "depends: not at this budget"
+    learning_curves(
+        {label[m]: {m: histories(store, by[m])} for m in METHODS},
+        out / "paper04_curves.png",
+        "04: learning curves on hist, held-out exact match",
+    )
+    result = verdict(acc, curves)
     return Section(
         title="Paper 04: prefix against LoRA at equal parameter count",
         text=__doc__.split("\n\n", 1)[1].strip()
-        + f"\n\nMeasured: prefix {ms(acc['vt-prefix'])}, LoRA {ms(acc['lora'])}, both with "
-        f"{n['lora']:,} parameters; full fine-tuning {ms(acc['full'])} in {by['full'][0].steps} "
-        "steps"
-        + (
-            "; the paper's conclusion holds."
-            if holds
-            else "; LoRA is NOT far above the prefix at this budget."
-        ),
+        + f"\n\nMeasured: prefix {ms(acc['prefix'])}, LoRA {ms(acc['lora'])}, both with "
+        f"{n['lora']:,} parameters; full fine-tuning {ms(acc['full'])}. Bars fixed before the "
+        f"results: LoRA >= 80%, prefix <= 5%. Verdict: {result}.",
         tables=[table + f"\n\n*Table*: {caption}"],
         figures=[
             Figure(
                 "paper04_prefix_vs_lora.png",
-                f"Double-histogram accuracy of a P=12 virtual-token prefix and of a rank-1 LoRA "
-                f"with the same number of parameters ({n['lora']:,}), and of full fine-tuning as a "
-                "reference, all on the paper-03 mix4 "
-                f"base ({paper03.model_name(p)}); bars: mean over seeds, whiskers: min-max, "
-                "dots: seeds.",
-            )
+                f"Double-histogram accuracy of a K/V prefix and of a rank-1 LoRA with the same "
+                f"number of parameters ({n['lora']:,}), and of full fine-tuning as a reference, "
+                f"all on the paper-03 mix4 base ({paper03.model_name(p)}); bars: mean over "
+                "seeds, whiskers: min-max, dots: seeds.",
+            ),
+            Figure(
+                "paper04_curves.png",
+                "Learning curves of the three methods on hist (held-out exact match on 512 test "
+                "sequences while training, one line per seed): a flat end is converged at this "
+                "budget, a rising one was cut off.",
+            ),
         ],
         claims=[
             Claim(
                 "Prefix-tuning cannot learn tasks needing new attention patterns (at equal "
                 "parameter count, LoRA can)",
                 "paper04",
-                f"hist: prefix {ms(acc['vt-prefix'])} vs rank-1 LoRA {ms(acc['lora'])}, "
+                f"hist: prefix {ms(acc['prefix'])} vs rank-1 LoRA {ms(acc['lora'])}, "
                 f"{n['lora']:,} parameters each; full FT (reference) {ms(acc['full'])}",
-                verdict,
+                result,
             )
         ],
     )

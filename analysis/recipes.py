@@ -1,0 +1,206 @@
+"""``probe recipes``: the time-to-accuracy search behind the experiments' training recipes.
+
+The paper's recipes (constant lr 5e-4, batch 64, dropout 0.1, 20k-500k iterations) are far from
+what converges fastest on a CPU. This search trains a few recipes side by side on seed 0 and
+records each run's learning curve, so that a default can be chosen by how fast it reaches its
+accuracy, in optimiser steps, sequences seen and wall-clock seconds:
+
+- the mix4 base at the quick profile's 03 shape (learning rate, dropout, batch size), scored by
+  exact match once the first output token is given (the skills the base holds; without a task
+  token its plain exact match is capped near 25-30%);
+- adapters on that base: a key/value prefix and the paper's virtual-token prefix on the new
+  composition sort_asc_add1 (learning rate), rank-1 LoRA on the paper's targets on the new task
+  hist (learning rate);
+- LoRA on the study's sort_asc base tuned to reverse (learning rate, rank, targets).
+
+Runs live in the quick profile's store, so the chosen recipes are the very runs the experiments
+use (trained once). Results go to ``figures/recipes.md`` and ``figures/recipes.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from analysis.experiments import paper03, study
+from analysis.plots import plt
+from analysis.report import PROFILES, markdown_table
+from analysis.runs import Run, Store, run_all, variant
+
+QUICK = PROFILES["quick"]
+PAPER_TARGETS = ("W_O", "W_in", "W_out")  # the paper's LoRATrainer: c_proj and c_fc
+
+
+@dataclass(frozen=True)
+class Trial:
+    group: str  # one panel of the figure
+    label: str  # what differs from the group's other trials
+    run: Run
+    chosen: bool = False  # the recipe the experiments use
+
+
+def trials() -> list[Trial]:
+    base = paper03.base_runs(QUICK)[0]  # the chosen recipe: lr 6e-3, batch 128, no dropout
+    group = "mix4 base (03 quick shape)"
+    out = [Trial(group, "lr 6e-3, batch 128, no dropout", base, chosen=True)]
+    overrides = dict(base.model)
+    for label, changes in (
+        ("lr 3e-3, batch 128, dropout 0.1", {"lr": 3e-3, "dropout": 0.1}),
+        ("lr 1.5e-2, batch 128, no dropout", {"lr": 1.5e-2}),
+        ("lr 6e-3, batch 64, no dropout", {"batch_size": 64}),
+    ):
+        model = {**overrides, "dropout": changes.pop("dropout", 0.0)}
+        out.append(Trial(group, label, variant(base, model=model, **changes)))
+
+    composition = paper03.tuned(QUICK, base, "sort_asc_add1")
+    group = "prefix P=10 -> sort_asc_add1"
+    for lr in (1e-2, 3e-2, 1e-1, 3e-1):
+        run = variant(composition, lr=lr)
+        out.append(Trial(group, f"K/V prefix, lr {lr:g}", run, chosen=lr == 1e-1))
+    for lr in (1e-2, 1e-1):
+        run = variant(composition, method="vt-prefix", lr=lr)
+        out.append(Trial(group, f"virtual-token prefix, lr {lr:g}", run))
+
+    group = "rank-1 LoRA (W_O, W_in, W_out) -> hist"
+    lora = Run(
+        "hist",
+        method="lora",
+        base=base,
+        steps=1500,
+        options=(("rank", 1), ("targets", PAPER_TARGETS)),
+    )
+    for lr in (5e-3, 2e-2, 5e-2):
+        out.append(Trial(group, f"lr {lr:g}", variant(lora, lr=lr), chosen=lr == 2e-2))
+
+    study_base = study.base_run(QUICK, "sort_asc", 0)
+    reverse = study.tuned(QUICK, study_base, "reverse", "lora")
+    group = "LoRA, sort_asc base -> reverse"
+    for label, options, lr in (
+        ("rank 4 on W_Q/K/V/O, lr 3e-3", None, 3e-3),
+        ("rank 4 on W_Q/K/V/O, lr 1e-2", None, 1e-2),
+        ("rank 4 on W_Q/K/V/O, lr 3e-2", None, 3e-2),
+        ("rank 1 on W_Q/K, lr 3e-2", {"rank": 1, "targets": ("W_Q", "W_K")}, 3e-2),
+    ):
+        run = variant(reverse, lr=lr, **({"options": options} if options else {}))
+        out.append(Trial(group, label, run, chosen=run.key == reverse.key))
+    return out
+
+
+def milestone(history: list[dict], level: float, key: str) -> str:
+    """The first point's ``key`` (step, sequences, seconds) at which accuracy >= level."""
+    for h in history:
+        if h["accuracy"] >= level:
+            return f"{h[key]:,.0f}"
+    return "not reached"
+
+
+def report(store: Store, figures_dir: Path) -> Path:
+    done = [t for t in trials() if store.done(t.run)]
+    rows = []
+    for t in done:
+        r = store.result(t.run)
+        h = r["history"]
+        rows.append(
+            [
+                t.group,
+                t.label + (" **(chosen)**" if t.chosen else ""),
+                t.run.steps,
+                t.run.batch_size,
+                f"{100 * h[-1]['accuracy']:.1f}%",
+                milestone(h, 0.5, "step"),
+                milestone(h, 0.9, "step"),
+                milestone(h, 0.9, "sequences"),
+                milestone(h, 0.9, "seconds"),
+                f"{h[-1]['seconds']:.0f}",
+            ]
+        )
+    table = markdown_table(
+        [
+            "search",
+            "recipe",
+            "steps",
+            "batch",
+            "final (512 held-out)",
+            "step to 50%",
+            "step to 90%",
+            "sequences to 90%",
+            "seconds to 90%",
+            "seconds",
+        ],
+        rows,
+    )
+    figure = figures_dir / "recipes.png"
+    plot(store, done, figure)
+    text = "\n".join(
+        [
+            "# Time to accuracy: the recipe search",
+            "",
+            "Generated by `probe recipes`; do not edit by hand. "
+            + __doc__.split("\n\n", 1)[1].split("\n\nRuns live")[0].replace("\n", " "),
+            "",
+            "Seed 0, one thread per run, two runs at a time on a 2-core machine; accuracy is "
+            "held-out exact match on 512 test sequences at each curve point (the mix4 base: "
+            "with the first output token given). Seconds are training time without the "
+            "evaluations, so they compare recipes measured in the same session only.",
+            "",
+            table,
+            "",
+            "![recipes.png](recipes.png)",
+            "",
+            "*recipes.png*: learning curves of every trial, against sequences seen (top) and "
+            "training seconds (bottom); the chosen recipe is drawn thick.",
+            "",
+        ]
+    )
+    path = figures_dir / "recipes.md"
+    path.write_text(text)
+    return path
+
+
+def plot(store: Store, done: list[Trial], path: Path) -> None:
+    groups = list(dict.fromkeys(t.group for t in done))
+    fig, axes = plt.subplots(
+        2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False, sharey=True
+    )
+    for col, group in enumerate(groups):
+        for t in (t for t in done if t.group == group):
+            h = store.result(t.run)["history"]
+            acc = [100 * p["accuracy"] for p in h]
+            style = {"lw": 2.6 if t.chosen else 1.2, "marker": ".", "ms": 3}
+            for row, key in enumerate(("sequences", "seconds")):
+                axes[row, col].plot(np.array([p[key] for p in h]), acc, label=t.label, **style)
+        axes[0, col].set_title(group)
+        axes[0, col].set_xlabel("sequences seen")
+        axes[1, col].set_xlabel("training seconds (1 thread)")
+        axes[0, col].legend(fontsize=7, loc="lower right")
+        for row in (0, 1):
+            axes[row, col].grid(alpha=0.3)
+    for row in (0, 1):
+        axes[row, 0].set_ylabel("held-out exact match (%)")
+    fig.suptitle("Time to accuracy of each recipe (seed 0)")
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def recipes(jobs: int, device: str, runs_dir: Path, figures_dir: Path) -> Path:
+    store = Store(Path(runs_dir) / QUICK.name)
+    start = time.perf_counter()
+    n = run_all([t.run for t in trials()], store, jobs, device)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    path = report(store, figures_dir)
+    print(f"{n} runs trained in {time.perf_counter() - start:.0f} s; table in {path}")
+    return path
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="the time-to-accuracy search behind the recipes")
+    p.add_argument("--jobs", type=int, default=1, help="parallel training processes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="result store")
+    p.add_argument("--figures-dir", type=Path, default=Path("figures"))
+    p.set_defaults(run=lambda a: recipes(a.jobs, a.device, a.runs_dir, a.figures_dir) and 0)
