@@ -282,10 +282,16 @@ class Store:
                 holder = got[0] if got else None
                 fresh = got is not None and not self.is_stale(*got)
                 mine = holder is not None and (holder.host, holder.pid) == owner
-                old = time.time() - entry.stat().st_mtime > self.stale_after
+                try:
+                    old = time.time() - entry.stat().st_mtime > self.stale_after
+                except FileNotFoundError:  # another process cleaned it first
+                    continue
                 dead = old and not (fresh and mine)
-            if dead:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if dead:  # several processes may clean at once: missing entries are fine
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
                 removed.append(entry)
         return removed
 

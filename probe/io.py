@@ -132,7 +132,10 @@ def clean_temporaries(path: Path) -> None:
             if owner is None or not owner_dead(*owner):
                 continue
             if kind == "old" and not path.exists() and entry.is_dir():
-                os.rename(entry, path)  # the crash fell between the renames: put it back
+                try:  # the crash fell between the renames: put the previous save back
+                    os.rename(entry, path)
+                except OSError:
+                    pass  # another process restored it or saved there first; leave this one
             else:
                 shutil.rmtree(entry, ignore_errors=True)
 
