@@ -4,16 +4,27 @@ A :class:`Run` names everything that determines its result (task, model, method,
 budget, seed, and its base run), so its key is a hash of that spec: re-running skips finished
 runs and an interrupted sweep resumes. A run's directory is written in one atomic rename
 (``probe.io.save_dir``), so a half-written run is never read back as a result.
+
+Several processes, on one host or on several sharing a filesystem, may work on one store at
+once (see :class:`Store`): each run is claimed before it is trained, claims of crashed
+processes are taken over, and a result, once committed, is never replaced. Every run trains
+at ``RUN_THREADS`` intra-op threads whatever ``jobs`` is, so its numbers do not depend on how
+it was scheduled.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from multiprocessing import get_context
@@ -22,10 +33,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from probe import io
 from probe.adapters import DEFAULT_LR, load_adapter, tune
 from probe.model import Transformer, preset
 from probe.train import TrainConfig, evaluate, pretrain
 from tasks import get_task
+
+# Intra-op threads of every run, part of its key: float reductions split over another number of
+# threads round differently, so the thread count must not follow --jobs or the core count.
+RUN_THREADS = 1
+HEARTBEAT_S = 20.0  # how often a worker refreshes the claims it holds
+STALE_AFTER_S = 300.0  # a claim not refreshed for this long belongs to a dead process or host
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,7 @@ class Run:
         d = asdict(self)
         d["base"] = self.base.key if self.base else None
         d["lr"] = self.effective_lr
+        d["threads"] = RUN_THREADS
         return d
 
     @property
@@ -108,12 +127,32 @@ def variant(run: Run, **changes) -> Run:
     return replace(run, **changes)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """Who is training a run: written once into ``root/.<key>.claim`` (created atomically with
+    O_EXCL, which works across hosts on a shared filesystem); its mtime is the heartbeat."""
+
+    host: str
+    pid: int
+    token: str
+
+    def owned_by_me(self) -> bool:
+        return (self.host, self.pid) == (io.HOST, os.getpid())
+
+
 @dataclass
 class Store:
-    """Results on disk: ``root/<key>/result.json`` plus ``model/`` or ``adapter/``."""
+    """Results on disk: ``root/<key>/result.json`` plus ``model/`` or ``adapter/``.
+
+    Shared by many processes and hosts: ``<key>/`` appears in one atomic rename and is never
+    replaced; ``.<key>.claim`` says who is training it (stale when its pid is gone on this host
+    or its heartbeat is older than ``stale_after`` seconds); ``.<key>.tmp-<host>-<pid>-*`` is a
+    run being written, removed only once its owner is provably dead.
+    """
 
     root: Path
     _cache: dict = field(default_factory=dict)
+    stale_after: float = STALE_AFTER_S
 
     def path(self, run: Run) -> Path:
         return Path(self.root) / run.key
@@ -133,6 +172,134 @@ class Store:
 
     def adapter(self, run: Run, base: Transformer):
         return load_adapter(self.path(run) / "adapter", base)
+
+    # ------------------------------------------------------------------ claims
+
+    def claim_path(self, key: str) -> Path:
+        return Path(self.root) / f".{key}.claim"
+
+    def read_claim(self, path: Path) -> tuple[Claim | None, float] | None:
+        """(claim, heartbeat mtime) of a claim file; claim None if unreadable (a writer killed
+        between creating and filling it); None if there is no such file."""
+        try:
+            mtime = path.stat().st_mtime
+            data = json.loads(path.read_text())
+            return Claim(data["host"], int(data["pid"]), data["token"]), mtime
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, mtime
+
+    def is_stale(self, claim: Claim | None, mtime: float) -> bool:
+        if claim is not None and claim.host == io.HOST and not io.pid_alive(claim.pid):
+            return True  # proof: its process is gone
+        return time.time() - mtime > self.stale_after  # its host or process stopped beating
+
+    def claimed_elsewhere(self, key: str) -> bool:
+        """A live claim on ``key`` by another process."""
+        got = self.read_claim(self.claim_path(key))
+        return got is not None and not self.is_stale(*got) and not (got[0] and got[0].owned_by_me())
+
+    def try_claim(self, key: str) -> Claim | None:
+        """Claim ``key`` for this process, taking over a stale claim; None if it is live."""
+        path = self.claim_path(key)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not self._break_if_stale(path):
+                    return None
+                continue
+            claim = Claim(io.HOST, os.getpid(), secrets.token_hex(8))
+            with os.fdopen(fd, "w") as f:
+                json.dump({**asdict(claim), "started": time.time()}, f)
+            return claim
+        return None
+
+    def _break_if_stale(self, path: Path) -> bool:
+        """Remove a stale claim; True if the claim is gone (so claiming may be retried)."""
+        got = self.read_claim(path)
+        if got is None:
+            return True
+        if not self.is_stale(*got):
+            return False
+        # Rename first, so that of several processes breaking it only one succeeds.
+        grave = path.with_name(f"{path.name}.stale-{io.owner_tag()}{secrets.token_hex(4)}")
+        try:
+            os.rename(path, grave)
+        except FileNotFoundError:
+            return True
+        if self.read_claim(grave) != got:  # re-claimed between our read and rename: give back
+            try:
+                os.link(grave, path)
+            except FileExistsError:
+                pass  # a third claimant won; at worst one run is trained twice, same bytes
+        grave.unlink(missing_ok=True)
+        return True
+
+    def release(self, claim: Claim, key: str) -> None:
+        path = self.claim_path(key)
+        got = self.read_claim(path)
+        if got is not None and got[0] == claim:
+            path.unlink(missing_ok=True)
+
+    @contextmanager
+    def holding(self, claim: Claim, key: str):
+        """Refresh the claim's heartbeat in a thread while the body runs; release it after."""
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(HEARTBEAT_S):
+                got = self.read_claim(self.claim_path(key))
+                if got is not None and got[0] == claim:
+                    os.utime(self.claim_path(key))
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.release(claim, key)
+
+    def clean(self) -> list[Path]:
+        """Remove what provably dead processes left: their temporaries and claims. A live
+        process's temporaries and anything this store did not name are left alone."""
+        removed = []
+        for entry in Path(self.root).glob(".*"):
+            name = entry.name
+            if name.endswith(".claim"):
+                got = self.read_claim(entry)
+                if got is not None and self.is_stale(*got) and self._break_if_stale(entry):
+                    removed.append(entry)
+                continue
+            key, sep, rest = name[1:].partition(".tmp-")
+            if not sep:
+                key, sep, rest = name[1:].partition(".claim.stale-")
+            owner = io.parse_owner(rest) if sep else None
+            if owner is None:
+                continue
+            host, pid = owner
+            if host == io.HOST:
+                dead = io.owner_dead(host, pid)
+            else:  # another host: dead once it holds no fresh claim and the file is old
+                got = self.read_claim(self.claim_path(key))
+                holder = got[0] if got else None
+                fresh = got is not None and not self.is_stale(*got)
+                mine = holder is not None and (holder.host, holder.pid) == owner
+                try:
+                    old = time.time() - entry.stat().st_mtime > self.stale_after
+                except FileNotFoundError:  # another process cleaned it first
+                    continue
+                dead = old and not (fresh and mine)
+            if dead:  # several processes may clean at once: missing entries are fine
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+        return removed
 
 
 def execute(run: Run, root: Path, device: str = "cpu") -> dict:
@@ -169,33 +336,55 @@ def execute(run: Run, root: Path, device: str = "cpu") -> dict:
         "n_params": n_params,
         "base_params": sum(p.numel() for p in model.parameters()),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run.key}.", dir=root))
+    # Named after its owner so that only a provably dead owner's temporary is ever removed.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run.key}.tmp-{io.owner_tag()}", dir=root))
     try:
         if run.method is None:
             model.save(tmp / "model")
         else:
             adapter.save(tmp / "adapter", model)
         (tmp / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
-        os.replace(tmp, Path(root) / run.key)
+        try:  # rename never replaces a non-empty directory: a committed result stays
+            os.rename(tmp, Path(root) / run.key)
+        except OSError as e:
+            done = (Path(root) / run.key / "result.json").is_file()
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not done:
+                raise
+            # Another process committed the same run meanwhile: same spec, same bytes; keep it.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
-def _worker(run: Run, root: Path, device: str, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    return execute(run, root, device)
+def _worker(run: Run, store: Store, device: str) -> dict | None:
+    """Claim, train and commit ``run`` at RUN_THREADS threads; None if another live process
+    holds its claim. A run found finished once claimed is not trained again."""
+    claim = store.try_claim(run.key)
+    if claim is None:
+        return None
+    with store.holding(claim, run.key):
+        if store.done(run):
+            return {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(RUN_THREADS)
+        try:
+            return execute(run, Path(store.root), device)
+        finally:
+            torch.set_num_threads(threads)
 
 
-def run_all(runs: list[Run], store: Store, jobs: int = 1, device: str = "cpu") -> int:
-    """Run every unfinished run (and the base runs they need); returns how many ran.
-
-    Bases go first, in waves; within a wave, ``jobs`` processes run independent runs.
+def run_all(
+    runs: list[Run], store: Store, jobs: int = 1, device: str = "cpu", poll: float = 0.5
+) -> int:
+    """Run every unfinished run (and the base runs they need); returns how many this process
+    trained. A tuning run starts once its base is finished, here or elsewhere; up to ``jobs``
+    processes train at once. Runs claimed by other live processes are waited for, not redone.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}; pass --jobs 1 or more")
     root = Path(store.root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".*"):  # temporaries of an interrupted earlier invocation
-        shutil.rmtree(stale, ignore_errors=True)
+    store.clean()
     todo, seen = [], set()
 
     def add(run: Run):
@@ -208,22 +397,46 @@ def run_all(runs: list[Run], store: Store, jobs: int = 1, device: str = "cpu") -
     for run in runs:
         add(run)
     ran = 0
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     bar = tqdm(total=len(todo), desc="runs", disable=not todo)
-    while todo:
-        wave = [r for r in todo if r.base is None or store.done(r.base)]
-        todo = [r for r in todo if r not in wave]
-        if jobs == 1:
-            for run in wave:
+    pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) if jobs > 1 else None
+    running: dict = {}  # future -> run
+    try:
+        while todo or running:
+            finished = [r for r in todo if store.done(r) and r not in running.values()]
+            todo = [r for r in todo if r not in finished]
+            bar.update(len(finished))  # by another process
+            ready = [
+                r
+                for r in todo
+                if (r.base is None or store.done(r.base))
+                and r not in running.values()
+                and not store.claimed_elsewhere(r.key)
+            ]
+            progressed = False
+            for run in ready[: jobs - len(running)]:
                 bar.set_postfix_str(run.label)
-                _worker(run, root, device, threads)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(_worker, run, root, device, threads) for run in wave]
-                for future in futures:
-                    future.result()
-                    bar.update()
-        ran += len(wave)
-    bar.close()
+                if pool is None:
+                    result = _worker(run, store, device)
+                    if result is not None:
+                        ran += bool(result)
+                        todo.remove(run)
+                        bar.update()
+                        progressed = True
+                else:
+                    running[pool.submit(_worker, run, store, device)] = run
+            if running:
+                done, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
+                for future in done:
+                    run = running.pop(future)
+                    result = future.result()
+                    if result is not None:
+                        ran += bool(result)
+                        todo.remove(run)
+                        bar.update()
+            elif todo and not progressed:
+                time.sleep(poll)  # waiting for runs (or bases) that other processes hold
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
     return ran

@@ -41,7 +41,7 @@ from probe.model import KVPrefix, Transformer, environment, eval_mode
 from probe.train import TrainConfig, TrainResult, check_fits, train
 from tasks import Task
 
-ADAPTER_FORMAT = "prefix-probe-adapter/1"
+ADAPTER_FORMAT = io.ADAPTER_FORMAT
 LORA_TARGETS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
 
 
@@ -90,8 +90,10 @@ class Adapter(nn.Module):
         """What :meth:`save` writes; subclasses may fold a reparameterisation here."""
         return self.state_dict()
 
-    def save(self, path: str | Path, base: Transformer) -> Path:
-        """Write ``path/adapter_config.json`` and ``path/adapter.safetensors`` atomically."""
+    def save(self, path: str | Path, base: Transformer, overwrite: bool = False) -> Path:
+        """Write ``path/adapter_config.json`` and ``path/adapter.safetensors`` atomically; the
+        config records the base's fingerprint and a checksum of the adapter's own tensors."""
+        tensors = self.tensors(base)
         meta = {
             "format": ADAPTER_FORMAT,
             "method": self.method,
@@ -100,9 +102,10 @@ class Adapter(nn.Module):
             "base_config": base.cfg.to_dict(),
             "n_params": self.n_params,
             "environment": environment(base.device),  # threads etc.: see model.environment
+            "checksum": io.fingerprint(tensors),
         }
         return io.save_dir(
-            path, {"adapter.safetensors": self.tensors(base)}, {"adapter_config.json": meta}
+            path, {"adapter.safetensors": tensors}, {"adapter_config.json": meta}, overwrite
         )
 
     def saved_hparams(self) -> dict:
@@ -334,7 +337,11 @@ def make_adapter(method: str, base: Transformer, **hparams) -> Adapter:
 def load_adapter(path: str | Path, base: Transformer) -> Adapter:
     """Load an adapter saved by :meth:`Adapter.save` onto ``base``, which must be its base."""
     path = Path(path)
-    meta = io.read_json(path / "adapter_config.json", expect_format=ADAPTER_FORMAT)
+    meta = io.read_json(
+        path / "adapter_config.json",
+        ADAPTER_FORMAT,
+        required={"method": str, "hparams": dict, "base_fingerprint": str},
+    )
     if meta["base_fingerprint"] != base.fingerprint():
         raise ValueError(
             f"adapter {path} was trained on a different base model (fingerprint "
@@ -342,6 +349,12 @@ def load_adapter(path: str | Path, base: Transformer) -> Adapter:
             "model it was tuned from"
         )
     state = io.load_tensors(path / "adapter.safetensors")
+    # Adapters saved before checksums existed have none; every newer one is verified.
+    if "checksum" in meta and io.fingerprint(state) != meta["checksum"]:
+        raise io.CorruptFileError(
+            f"{path / 'adapter.safetensors'} does not match the checksum in adapter_config.json; "
+            "the file is corrupt or from another save: re-save or retrain the adapter"
+        )
     adapter = make_adapter(meta["method"], base, **meta["hparams"])
     io.load_state(adapter, state, path / "adapter.safetensors")
     return adapter.to(base.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -12,22 +13,71 @@ from analysis.reproduce import add_command as add_reproduce
 from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
 from probe.bench import add_command as add_bench
 from probe.hf import MissingExtraError
+from probe.io import check_target
 from probe.model import PRESETS, Transformer, preset
 from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
 from tasks import get_task, list_tasks
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: the problem, then where help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this torch cannot use, naming the fix (instead of a CUDA traceback)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: this torch has no usable CUDA (torch.cuda.is_available() is "
+                "False); use --device cpu, or install a CUDA build of torch"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); pick "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unsupported device type; use cpu or cuda")
+
+
 def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size: int):
-    p.add_argument("--steps", type=int, default=steps, help="optimiser steps (default %(default)s)")
+    p.add_argument(
+        "--steps", type=positive_int, default=steps, help="optimiser steps (default %(default)s)"
+    )
     p.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         default=lr,
         help="peak learning rate (default %(default)s)"
         if lr
         else "peak learning rate (default: the method's, see probe.adapters.DEFAULT_LR)",
     )
-    p.add_argument("--batch-size", type=int, default=batch_size, help="default %(default)s")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help="default %(default)s"
+    )
     p.add_argument("--seed", type=int, default=0, help="data, dropout and init seed")
     p.add_argument(
         "--target-accuracy",
@@ -45,12 +95,17 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
         "Use 1 on a shared machine, and the same N to compare results across machines",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model or adapter already at --out (never anything else)",
+    )
 
 
 def train_config(args, lr: float | None = None) -> TrainConfig:
     return TrainConfig(
         steps=args.steps,
-        lr=args.lr or lr,
+        lr=args.lr if args.lr is not None else lr,
         batch_size=args.batch_size,
         seed=args.seed,
         target_accuracy=args.target_accuracy,
@@ -66,11 +121,12 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    check_target(args.out, args.overwrite)  # before training, not after
     task = get_task(args.task)
     torch.manual_seed(args.seed)
     model = Transformer(preset(args.preset))
     result = pretrain(task, model, train_config(args))
-    model.save(args.out)
+    model.save(args.out, args.overwrite)
     n = sum(p.numel() for p in model.parameters())
     print(
         f"pretrained preset {args.preset} ({n:,} parameters) on {task.name}: "
@@ -81,6 +137,13 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    out, base_dir = Path(args.out).resolve(), Path(args.base).resolve()
+    if out == base_dir or base_dir in out.parents:
+        raise ValueError(
+            f"--out {args.out} is (inside) the base model {args.base}; saving there would destroy "
+            "it: choose another directory"
+        )
+    check_target(args.out, args.overwrite)  # before training, not after
     base = Transformer.load(args.base, args.device)
     task = get_task(args.task)
     hparams = {k: v for k, v in (("length", args.length), ("rank", args.rank)) if v is not None}
@@ -90,7 +153,7 @@ def cmd_tune(args) -> int:
         hparams["init"] = args.init
     cfg = train_config(args, DEFAULT_LR[args.method])
     adapter, result = tune(base, task, args.method, cfg, **hparams)
-    adapter.save(args.out, base)
+    adapter.save(args.out, base, args.overwrite)
     print(
         f"tuned {args.method} ({adapter.n_params:,} parameters, {adapter.share(base):.2%} of the "
         f"base) on {task.name}: held-out exact match {result.accuracy:.2%} after "
@@ -102,8 +165,8 @@ def cmd_tune(args) -> int:
 def cmd_evaluate(args) -> int:
     base = Transformer.load(args.base, args.device).eval()
     tuned = Tuned(base)
-    for path in args.adapter:
-        tuned.add(Path(path).name, load_adapter(path, base))
+    for name, path in zip(row_names(args.adapter), args.adapter, strict=True):
+        tuned.add(name, load_adapter(path, base))
     tasks = [get_task(name) for name in args.task]
     for task in tasks:
         check_fits(base, task)
@@ -114,6 +177,26 @@ def cmd_evaluate(args) -> int:
         accs = [evaluate(tuned, t, args.n, device=args.device) for t in tasks]
         print(f"{name or '(base)':{width}s}  " + "  ".join(f"{a:13.2%}" for a in accs))
     return 0
+
+
+def row_names(paths: list[str]) -> list[str]:
+    """Unique, short row names: each path's last components, as many as tell them apart
+    (``a/adapter``, ``b/adapter``); a path given twice gets ``#2``."""
+    parts = [Path(p).resolve().parts for p in paths]
+    names = []
+    for i, own in enumerate(parts):
+        n = 1
+        while n < len(own) and any(
+            other[-n:] == own[-n:] for j, other in enumerate(parts) if j != i and other != own
+        ):
+            n += 1
+        names.append("/".join(own[-n:]))
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = f"{name}#{seen[name]}"
+    return names
 
 
 def cmd_check_theorem(args) -> int:
@@ -143,6 +226,9 @@ def cmd_check_theorem(args) -> int:
         return print_theorem_check(header, run.result, run.records, run.frozen)
 
     base = Transformer.load(args.base, args.device).eval()
+    # An adapter is checked against the base's fingerprint as saved, so load it before the cast.
+    is_model = args.adapter is not None and (Path(args.adapter) / "config.json").exists()
+    adapter = None if args.adapter is None or is_model else load_adapter(args.adapter, base)
     if args.dtype:
         base = base.to(getattr(torch, args.dtype))
     task = get_task(args.task)
@@ -155,14 +241,14 @@ def cmd_check_theorem(args) -> int:
         prefix = probes.random_prefix(base_cache, base.cfg.n_layers, args.prefix_len, g)
         _, cache = base.run_with_cache(tokens, prefix=prefix)
         what = f"a random key/value prefix, P={args.prefix_len}"
-    elif (Path(args.adapter) / "config.json").exists():  # a saved Transformer: fine-tuned
+    elif is_model:  # a saved Transformer: fine-tuned
         tuned = Transformer.load(args.adapter, args.device).to(base.W_E.dtype).eval()
         if tuned.cfg != base.cfg:
             raise ValueError(f"{args.adapter} has another shape than the base model {args.base}")
         _, cache = tuned.run_with_cache(tokens)
         weights, what = dict(tuned.named_parameters()), "a fine-tuned model"
     else:
-        adapter = load_adapter(args.adapter, base).to(base.W_E.dtype)
+        adapter = adapter.to(base.W_E.dtype)
         _, cache = Tuned(base).add("adapter", adapter).eval().run_with_cache(tokens)
         weights, what = adapter.weights(base), f"a {adapter.method} adapter"
         prompt = adapter.prompt(base)
@@ -210,7 +296,12 @@ def print_theorem_check(header: str, result, records, frozen) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="probe", description=__doc__)
+    parser = Parser(prog="probe", description=__doc__)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (or set PROBE_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("tasks", help="list the registered tasks").set_defaults(run=cmd_tasks)
@@ -238,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="a model directory from `probe pretrain`")
     p.add_argument("--adapter", action="append", default=[], help="adapter directory (repeat)")
     p.add_argument("--task", nargs="+", required=True, help="task names")
-    p.add_argument("--n", type=int, default=3200, help="held-out samples (default 3200)")
+    p.add_argument("--n", type=positive_int, default=3200, help="held-out samples (default 3200)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_evaluate)
 
@@ -258,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model directory (drift only); default: a random key/value prefix",
     )
     p.add_argument("--task", default="sort_asc", help="inputs from this task's held-out set")
-    p.add_argument("--n", type=int, default=256, help="inputs (default %(default)s)")
+    p.add_argument("--n", type=positive_int, default=256, help="inputs (default %(default)s)")
     p.add_argument("--prefix-len", type=int, default=4, help="random prefix P, no --adapter")
     p.add_argument("--seed", type=int, default=0, help="inputs and random prefix seed")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default: the saved dtype")
@@ -272,21 +363,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_check_theorem)
     add_reproduce(sub)
     add_bench(sub)
+    for p in sub.choices.values():  # `probe CMD --debug` too; SUPPRESS keeps `probe --debug CMD`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="traceback")
     return parser
 
 
+# Failures a user can cause and fix: one line, exit 2. Anything else is a bug in probe.
+EXPECTED = (ValueError, KeyError, OSError, TrainingDiverged, MissingExtraError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Expected failures print one line (the problem and the fix) and return 2;
+    unexpected ones print one line saying how to report them and return 3. With ``--debug`` or
+    ``PROBE_DEBUG=1`` the traceback is shown instead."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("PROBE_DEBUG", "") not in ("", "0")
     if args.command in ("pretrain", "tune") and args.threads:
         if args.threads < 0:
             print(f"probe {args.command}: error: --threads must be >= 0", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
     try:
+        if getattr(args, "device", None):
+            check_device(args.device)
         return args.run(args)
-    except (ValueError, KeyError, FileNotFoundError, TrainingDiverged, MissingExtraError) as e:
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"probe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED as e:
+        if debug:
+            raise
         print(f"probe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(
+            f"probe {args.command}: internal error: {type(e).__name__}: {e}. This is a bug in "
+            "probe: rerun with --debug (or PROBE_DEBUG=1) and report the command and the "
+            "traceback to the prefix-probe issue tracker",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

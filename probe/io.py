@@ -1,7 +1,16 @@
 """Safe, atomic persistence: safetensors for tensors, JSON beside them; never unpickle.
 
-A save writes every file into a temporary sibling directory and renames it into place, so an
-interrupted save leaves nothing half-written under the target name.
+Guarantees of :func:`save_dir`:
+
+* A save writes every file into a temporary sibling ``.<name>.tmp-<host>-<pid>-<random>`` and
+  renames it into place, so an interrupted save never leaves anything half-written under the
+  target name.
+* It never deletes what it did not write: a regular file, or a non-empty directory that is not a
+  prefix-probe model or adapter, is refused; one of ours is replaced only with ``overwrite=True``.
+* Nothing non-finite is saved; nothing non-finite is loaded.
+* A crash (kill -9) can leave a temporary sibling; the next save to the same path removes it
+  once its owner is provably dead (same host, pid gone). If the crash fell between the two
+  renames of an overwrite, the previous version sits in ``.<name>.old-...`` and is restored.
 """
 
 from __future__ import annotations
@@ -9,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -18,9 +29,32 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+MODEL_FORMAT = "prefix-probe-model/1"
+ADAPTER_FORMAT = "prefix-probe-adapter/1"
+# What a directory of ours holds: its JSON file -> (format, every file it may contain).
+SAVED_KINDS = {
+    "config.json": ("model", MODEL_FORMAT, {"config.json", "model.safetensors"}),
+    "adapter_config.json": (
+        "adapter",
+        ADAPTER_FORMAT,
+        {"adapter_config.json", "adapter.safetensors"},
+    ),
+}
+# Host names go into temporary names; keep them to characters every filesystem takes.
+HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "localhost"
+_OWNED = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)-(?P<rand>[A-Za-z0-9_]+)$")
+
 
 class CorruptFileError(ValueError):
     """A saved file is truncated, corrupt, of the wrong kind or does not fit what loads it."""
+
+
+class TargetError(ValueError):
+    """An output path that must not be written: foreign files, a file, no permission."""
+
+
+class NonFiniteError(ValueError):
+    """Tensors hold NaN or infinite values, which are never saved."""
 
 
 def fingerprint(state: dict[str, Tensor]) -> str:
@@ -33,13 +67,143 @@ def fingerprint(state: dict[str, Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def save_dir(
-    path: str | Path, tensors: dict[str, dict[str, Tensor]], jsons: dict[str, dict]
-) -> Path:
-    """Atomically (re)create directory ``path`` holding safetensors and JSON files."""
+def non_finite(state: dict[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or +-Inf."""
+    return sorted(
+        k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a zombie or another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>-``: the prefix that names this process as a temporary's owner."""
+    return f"{HOST}-{os.getpid()}-"
+
+
+def parse_owner(rest: str) -> tuple[str, int] | None:
+    """(host, pid) from the ``<host>-<pid>-<random>`` tail of a temporary's name, or None."""
+    m = _OWNED.match(rest)
+    return (m["host"], int(m["pid"])) if m else None
+
+
+def owner_dead(host: str, pid: int) -> bool:
+    """Provably dead: on this host and the pid is gone. Another host's owner is never proven
+    dead here (the run store uses claim heartbeats for that)."""
+    return host == HOST and pid != os.getpid() and not pid_alive(pid)
+
+
+def saved_kind(path: Path) -> str | None:
+    """ "model" or "adapter" if ``path`` is a directory that holds one of ours and nothing else."""
+    if not path.is_dir() or path.is_symlink():
+        return None
+    names = {p.name for p in path.iterdir()}
+    for meta_file, (kind, fmt, allowed) in SAVED_KINDS.items():
+        if meta_file in names and names <= allowed:
+            try:
+                meta = json.loads((path / meta_file).read_text())
+            except (OSError, ValueError):
+                return None
+            return kind if isinstance(meta, dict) and meta.get("format") == fmt else None
+    return None
+
+
+def clean_temporaries(path: Path) -> None:
+    """Remove the temporaries of earlier saves to ``path`` whose owner is provably dead, and
+    restore a previous version that a crash left mid-overwrite (see the module docstring)."""
     path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        for kind in ("tmp", "old"):
+            prefix = f".{path.name}.{kind}-"
+            if not entry.name.startswith(prefix):
+                continue
+            owner = parse_owner(entry.name[len(prefix) :])
+            if owner is None or not owner_dead(*owner):
+                continue
+            if kind == "old" and not path.exists() and entry.is_dir():
+                try:  # the crash fell between the renames: put the previous save back
+                    os.rename(entry, path)
+                except OSError:
+                    pass  # another process restored it or saved there first; leave this one
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_target(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an output path that a save must not replace, before any work is done.
+
+    Allowed: a path that does not exist under a writable directory, an empty directory, and,
+    with ``overwrite``, a directory holding one of our models or adapters and nothing else.
+    Raises :class:`TargetError` naming the problem and the fix.
+    """
+    path = Path(path)
+    clean_temporaries(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise TargetError(
+            f"{path} exists and is not a directory; refusing to replace it: choose a new path"
+        )
+    if path.is_dir() and any(path.iterdir()):
+        kind = saved_kind(path)
+        if kind is None:
+            found = sorted(p.name for p in path.iterdir())[:3]
+            raise TargetError(
+                f"{path} is not empty and is not a prefix-probe model or adapter (holds "
+                f"{', '.join(found)}...); refusing to touch it: choose a new or empty directory"
+            )
+        if not overwrite:
+            raise TargetError(
+                f"{path} already holds a saved {kind}; pass --overwrite to replace it, or "
+                "choose a new directory"
+            )
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise TargetError(f"cannot create {path}: {ancestor} is not a directory; choose another")
+    try:  # the real test of writability (os.access is wrong for root and read-only mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{owner_tag()}", dir=ancestor))
+    except OSError as e:
+        raise TargetError(
+            f"cannot write to {ancestor} ({e.strerror}); choose a writable output directory"
+        ) from None
+    return path
+
+
+def save_dir(
+    path: str | Path,
+    tensors: dict[str, dict[str, Tensor]],
+    jsons: dict[str, dict],
+    overwrite: bool = False,
+) -> Path:
+    """Atomically create directory ``path`` holding safetensors and JSON files.
+
+    Refuses (before writing anything) non-finite tensors (:class:`NonFiniteError`) and a target
+    that :func:`check_target` refuses; an existing directory of ours is replaced only with
+    ``overwrite``.
+    """
+    path = Path(path)
+    for name, state in tensors.items():
+        bad = non_finite(state)
+        if bad:
+            raise NonFiniteError(
+                f"refusing to save {path / name}: {', '.join(bad[:3])} hold NaN or Inf; the "
+                "training diverged: lower the learning rate"
+            )
+    check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{owner_tag()}", dir=path.parent))
+    old = None
     try:
         for name, state in tensors.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / name)
@@ -50,16 +214,17 @@ def save_dir(
         os.chmod(tmp, 0o777 & ~mask)
         for name in (*tensors, *jsons):
             os.chmod(tmp / name, 0o666 & ~mask)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        if path.exists():  # ours and overwrite=True (check_target); keep it until tmp is in
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{owner_tag()}", dir=path.parent))
             os.replace(path, old)
-            os.replace(tmp, path)
+            os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        else:  # fails, never replaces, if a non-empty directory appeared meanwhile
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            os.rename(old, path)
         raise
     return path
 
@@ -75,8 +240,9 @@ def umask() -> int:
         return mask
 
 
-def read_json(path: Path, expect_format: str) -> dict:
-    """Read a JSON file whose ``format`` field must equal ``expect_format``."""
+def read_json(path: Path, expect_format: str, required: dict[str, type] | None = None) -> dict:
+    """Read a JSON file whose ``format`` field must equal ``expect_format`` and whose
+    ``required`` keys must be present with the given types."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; expected a directory written by save()")
     try:
@@ -86,17 +252,33 @@ def read_json(path: Path, expect_format: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != expect_format:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CorruptFileError(f"{path}: format {got!r}, expected {expect_format!r}")
+    for key, kind in (required or {}).items():
+        if key not in meta:
+            raise CorruptFileError(f"{path} lacks the key {key!r}; the save is corrupt: re-save")
+        if not isinstance(meta[key], kind):
+            raise CorruptFileError(
+                f"{path}: {key!r} is a {type(meta[key]).__name__}, expected a {kind.__name__}; "
+                "the save is corrupt: re-save"
+            )
     return meta
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:
-    """Load a safetensors file, turning low-level failures into a clear CorruptFileError."""
+    """Load a safetensors file, turning low-level failures into a clear CorruptFileError;
+    non-finite values are refused too."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     try:
-        return load_file(path)
+        state = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CorruptFileError(f"{path} is truncated or corrupt ({e}); re-save it") from None
+    bad = non_finite(state)
+    if bad:
+        raise CorruptFileError(
+            f"{path}: {', '.join(bad[:3])} hold NaN or Inf; the training that wrote it diverged "
+            "or the file is corrupt: retrain with a lower learning rate"
+        )
+    return state
 
 
 def load_state(module: nn.Module, state: dict[str, Tensor], source: Path) -> None:

@@ -441,32 +441,41 @@ class Transformer(HookedRootModule):
         """Short hash of the weights; adapters record it and refuse another base model."""
         return io.fingerprint(self.state_dict())
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``path/model.safetensors`` and ``path/config.json`` atomically.
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write ``path/model.safetensors`` and ``path/config.json`` atomically; an existing
+        model or adapter at ``path`` is replaced only with ``overwrite`` (see ``io.save_dir``).
 
         config.json also records :func:`environment` (thread count, device, torch version):
         trained weights depend on them, so two saves can be compared knowingly.
         """
         meta = {
-            "format": "prefix-probe-model/1",
+            "format": io.MODEL_FORMAT,
             "config": self.cfg.to_dict(),
             "fingerprint": self.fingerprint(),
             "environment": environment(self.device),
         }
-        return io.save_dir(path, {"model.safetensors": self.state_dict()}, {"config.json": meta})
+        return io.save_dir(
+            path, {"model.safetensors": self.state_dict()}, {"config.json": meta}, overwrite
+        )
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Transformer:
         """Load a model saved by :meth:`save`; verifies the weights against the fingerprint."""
         path = Path(path)
-        meta = io.read_json(path / "config.json", expect_format="prefix-probe-model/1")
+        meta = io.read_json(
+            path / "config.json", io.MODEL_FORMAT, required={"config": dict, "fingerprint": str}
+        )
         state = io.load_tensors(path / "model.safetensors")
         if io.fingerprint(state) != meta["fingerprint"]:
             raise io.CorruptFileError(
                 f"{path}: weights do not match the fingerprint in config.json; the files are "
                 "corrupt or from different saves. Re-save the model."
             )
-        model = cls(ModelConfig.from_dict(meta["config"])).to(state["W_E"].dtype)
+        try:
+            cfg = ModelConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise io.CorruptFileError(f"{path / 'config.json'}: bad model config ({e})") from None
+        model = cls(cfg).to(state["W_E"].dtype)
         io.load_state(model, state, path / "model.safetensors")
         return model.to(device).eval()  # ready for analysis, like a freshly built model
 

@@ -29,7 +29,7 @@ Forward = Callable[..., Float[Tensor, "batch position d_vocab"]]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; nothing was saved."""
+    """The loss or the trained weights became NaN or infinite; nothing was saved."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,9 @@ def train(
     """Train ``params`` so that ``forward`` solves ``task``; loss on output positions only.
 
     ``modules`` are put in train mode while stepping (dropout) and eval mode to evaluate.
-    Deterministic given ``cfg.seed``. Raises :class:`TrainingDiverged` on a non-finite loss.
+    Deterministic given ``cfg.seed``. Raises :class:`TrainingDiverged` on a non-finite loss, or
+    on non-finite parameters after the last step (the loss is checked before each step, so a
+    blow-up in the last step shows only in the weights).
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -238,4 +240,10 @@ def train(
                 break
     bar.close()
     set_mode(False)
+    bad = sum(1 for p in params if not torch.isfinite(p).all())
+    if bad:
+        raise TrainingDiverged(
+            f"{bad} of {len(params)} trained tensors hold NaN or Inf after step {step + 1} "
+            f"(lr {cfg.lr_at(step):.2e}); lower the learning rate. Nothing was saved."
+        )
     return TrainResult(step + 1, accuracy, time.perf_counter() - start, history)

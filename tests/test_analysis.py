@@ -18,7 +18,8 @@ from analysis import runs
 from analysis.experiments import EXPERIMENTS, ledger
 from analysis.report import PROFILES
 from analysis.reproduce import reproduce
-from analysis.runs import Run, Store, execute, run_all, variant
+from analysis.runs import RUN_THREADS, Run, Store, execute, run_all, variant
+from probe import io
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = PROFILES["smoke"]
@@ -99,8 +100,9 @@ def test_half_written_directory_is_never_a_result(tmp_path, monkeypatch):
     run = tiny_base(steps=5)
     store = Store(tmp_path)
     # A temporary from an interrupted write and a directory without result.json: not results.
-    (tmp_path / f".{run.key}.abcd").mkdir(parents=True)
-    (tmp_path / f".{run.key}.abcd" / "result.json").write_text("{}")
+    dead = tmp_path / f".{run.key}.tmp-{io.HOST}-{dead_pid()}-abcdefgh"
+    dead.mkdir(parents=True)
+    (dead / "result.json").write_text("{}")
     assert not store.done(run)
     (tmp_path / run.key).mkdir()
     assert not store.done(run)
@@ -110,15 +112,121 @@ def test_half_written_directory_is_never_a_result(tmp_path, monkeypatch):
     def die(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("analysis.runs.os.replace", die)
+    monkeypatch.setattr("analysis.runs.os.rename", die)
     with pytest.raises(KeyboardInterrupt):
         execute(run, tmp_path)
     monkeypatch.undo()
     assert not store.done(run) and not (tmp_path / run.key).exists()
 
-    assert run_all([run], store) == 1  # stale temporaries cleared, the run redone
+    assert run_all([run], store) == 1  # a dead process's temporaries cleared, the run redone
     assert store.done(run) and not list(tmp_path.glob(".*"))
     assert run_all([run], store) == 0
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def tiny_runs(steps=20) -> list[Run]:
+    base = tiny_base(steps=steps)
+    return [base] + [
+        Run("reverse", preset="tiny", method=m, base=base, steps=steps) for m in ("prefix", "lora")
+    ]
+
+
+def store_bytes(root: Path) -> dict[str, bytes]:
+    """Every file of every finished run, byte for byte; result.json without its timing."""
+    out = {}
+    for path in sorted(root.glob("[!.]*/**/*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.name == "result.json":
+                result = json.loads(data)
+                result.pop("seconds")
+                data = json.dumps(result, sort_keys=True).encode()
+            out[str(path.relative_to(root))] = data
+    return out
+
+
+def test_jobs_do_not_change_a_runs_bytes(tmp_path):
+    runs_ = tiny_runs()
+    assert run_all(runs_, Store(tmp_path / "j1"), jobs=1) == 3
+    assert run_all(runs_, Store(tmp_path / "j2"), jobs=2) == 3
+    one, two = store_bytes(tmp_path / "j1"), store_bytes(tmp_path / "j2")
+    assert len(one) == 3 * 3 and one == two  # model/adapter files and results, all identical
+    assert {json.loads(one[f"{r.key}/result.json"])["spec"]["threads"] for r in runs_} == {
+        RUN_THREADS
+    }
+
+
+def test_two_processes_share_a_store_and_train_each_run_once(tmp_path):
+    code = (
+        "import sys; sys.path.insert(0, 'tests');"
+        "from test_analysis import tiny_runs; from analysis.runs import Store, run_all;"
+        f"print(run_all(tiny_runs(steps=60), Store({str(tmp_path)!r})))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err.decode()
+    assert sum(int(out.split()[-1]) for out, _ in outs) == 3  # each run trained exactly once
+    store = Store(tmp_path)
+    assert all(store.done(r) for r in tiny_runs(steps=60))
+    assert not list(tmp_path.glob(".*"))  # claims released, temporaries gone
+
+
+def test_stale_claims_are_taken_over_and_only_dead_temporaries_removed(tmp_path):
+    store = Store(tmp_path, stale_after=60)
+    base, tuned, other = tiny_runs(steps=5)
+
+    def claim(key, host, pid, age=0.0):
+        path = store.claim_path(key)
+        path.write_text(json.dumps({"host": host, "pid": pid, "token": "t"}))
+        os.utime(path, (time.time() - age, time.time() - age))
+
+    claim(base.key, io.HOST, dead_pid())  # this host, process gone: stale at once
+    claim(tuned.key, "otherhost", 4242, age=3600)  # another host, no heartbeat for an hour
+    claim(other.key, "otherhost", 4242)  # another host, beating: live
+    assert store.claimed_elsewhere(other.key) and store.try_claim(other.key) is None
+    assert not store.claimed_elsewhere(base.key)
+
+    def temp(key, host, pid, age=0.0) -> Path:
+        path = tmp_path / f".{key}.tmp-{host}-{pid}-abcdefgh"
+        path.mkdir()
+        os.utime(path, (time.time() - age, time.time() - age))
+        return path
+
+    live = temp(other.key, io.HOST, 1)  # pid 1 is alive: a save in progress
+    remote_live = temp(other.key, "otherhost", 4242, age=3600)  # its owner's claim is fresh
+    remote_young = temp(base.key, "otherhost", 77)  # too young to call dead
+    dead = temp(base.key, io.HOST, dead_pid())
+    remote_dead = temp(tuned.key, "otherhost", 4242, age=3600)  # old and its claim is stale
+    legacy = tmp_path / f".{base.key}.k2j3h4g5"  # not named by an owner: never ours to delete
+    legacy.mkdir()
+
+    assert run_all([base, tuned], store) == 2
+    assert store.done(base) and store.done(tuned) and not store.done(other)
+    left = {p.name for p in tmp_path.glob(".*")}
+    assert left == {live.name, remote_live.name, remote_young.name, legacy.name,
+                    store.claim_path(other.key).name}  # fmt: skip
+    assert not dead.exists() and not remote_dead.exists()
+
+
+def test_a_committed_result_is_never_replaced(tmp_path):
+    run = tiny_base(steps=5)
+    first = execute(run, tmp_path)
+    before = store_bytes(tmp_path)
+    again = execute(variant(run), tmp_path)  # a racing duplicate: same spec, discarded
+    assert again["key"] == first["key"] and store_bytes(tmp_path) == before
+    assert not list(tmp_path.glob(".*"))
 
 
 # ---------------------------------------------------------------------------- reproduce
@@ -163,13 +271,16 @@ def test_ledger_has_a_verdict_for_every_claim():
     assert ledger.verdict_shares({1: 0.1}, {1: 0.3}) == "refuted"
 
 
+FAULT_EXPERIMENT = "paper04"  # the smallest smoke experiment: 4 runs, a base and 3 adapters
+
+
 def _smoke_command(runs: Path, figures: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
         "probe.cli",
         "reproduce",
-        "study",
+        FAULT_EXPERIMENT,
         "--profile",
         "smoke",
         "--runs-dir",
@@ -180,6 +291,8 @@ def _smoke_command(runs: Path, figures: Path) -> list[str]:
 
 
 def test_killed_reproduce_resumes_and_matches_a_clean_run(tmp_path):
+    """Fault injection: SIGKILL the whole process group while a run is in progress (a result
+    committed, the next run claimed), resume, and compare with an uninterrupted run."""
     runs = tmp_path / "runs"
     store = runs / "smoke"
     proc = subprocess.Popen(
@@ -189,30 +302,30 @@ def test_killed_reproduce_resumes_and_matches_a_clean_run(tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 300
     try:
-        while not list(store.glob("*/result.json")):
-            assert proc.poll() is None, "reproduce ended before a run finished"
+        while not (list(store.glob("*/result.json")) and list(store.glob(".*.claim"))):
+            assert proc.poll() is None, "reproduce ended before it could be killed mid-run"
             assert time.monotonic() < deadline
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finished = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.glob("*/result.json")}
-    n_total = len(
-        {r.key for r in EXPERIMENTS["study"].runs(SMOKE)}
-        | {r.base.key for r in EXPERIMENTS["study"].runs(SMOKE)}
-    )
+    specs = EXPERIMENTS[FAULT_EXPERIMENT].runs(SMOKE)
+    n_total = len({r.key for r in specs} | {r.base.key for r in specs})
     assert 0 < len(finished) < n_total
+    assert list(store.glob(".*.claim"))  # the killed process's claim is left behind
 
     subprocess.run(
         _smoke_command(runs, tmp_path / "fig"), cwd=ROOT, check=True, capture_output=True
     )
     for path, (mtime, content) in finished.items():
         assert path.stat().st_mtime_ns == mtime and path.read_bytes() == content
-    assert not list(store.glob(".*"))
+    assert not list(store.glob(".*"))  # the dead process's claim and temporaries are gone
 
     clean = tmp_path / "clean"
-    reproduce(["study"], "smoke", 1, "cpu", clean, tmp_path / "fig_clean")
-    assert results(store) == results(clean / "smoke")
+    reproduce([FAULT_EXPERIMENT], "smoke", 1, "cpu", clean, tmp_path / "fig_clean")
+    resumed, uninterrupted = store_bytes(store), store_bytes(clean / "smoke")
+    assert resumed == uninterrupted  # weights, configs and results, byte for byte
     assert len(results(store)) == n_total
