@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from analysis.recipes import add_command as add_recipes
 from analysis.reproduce import add_command as add_reproduce
 from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
 from probe.bench import add_command as add_bench
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_check_theorem)
     add_reproduce(sub)
+    add_recipes(sub)
     add_bench(sub)
     for p in sub.choices.values():  # `probe CMD --debug` too; SUPPRESS keeps `probe --debug CMD`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="traceback")

@@ -73,8 +73,8 @@ def model_name(p: Profile) -> str:
 # floor in BASE_STEPS; a K/V prefix at lr 0.1 is the fastest of the learning rates tried.
 BASE = dict(batch_size=128, warmup=200, lr=6e-3)
 BASE_STEPS = (40, 4000, 40000, 8000)  # smoke, quick, paper, full
-PREFIX_STEPS = (20, 600, 30000, 1500)
-NEW_TASK_STEPS = (20, 1500, 500000, 4000)  # the paper gave its two new tasks 500,000 iterations
+PREFIX_STEPS = (20, 300, 20000, 1000)
+NEW_TASK_STEPS = (20, 1000, 500000, 4000)  # the paper gave its two new tasks 500,000 iterations
 
 
 def base_runs(p: Profile) -> list[Run]:

@@ -86,7 +86,7 @@ def tuned(p: Profile, base: Run, target: str, method: str, **options) -> Run:
         method=method,
         base=base,
         seed=base.seed,
-        steps=p.pick(30, 250, 5000),
+        steps=p.pick(30, 400, 5000),
         options=tuple(sorted({**OPTIONS[method], **options}.items())),
         eval_tasks=(base.task,),
     )
