@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis import runs
+from analysis import report, runs
 from analysis.experiments import EXPERIMENTS, ledger
 from analysis.report import PROFILES
 from analysis.reproduce import reproduce
@@ -58,6 +58,8 @@ CHANGES = {
     "train_size": 100,
     "target_accuracy": 0.5,
     "eval_tasks": ("sort_asc",),
+    "warmup": 10,
+    "eval_given": 1,
 }
 
 
@@ -243,15 +245,88 @@ def results(root: Path) -> dict[str, dict]:
 
 
 def test_reproduce_smoke_end_to_end(tmp_path):
-    names = ["study", "theorem"]
+    names = ["paper01", "study", "theorem"]
     index = reproduce(names, "smoke", 1, "cpu", tmp_path / "runs", tmp_path / "figures")
     text = index.read_text()
-    for name in ("study_accuracy.png", "study_prefix_length.png", "study_drift.png"):
+    names_png = ("paper01_curves.png", "study_accuracy.png", "study_prefix_length.png")
+    for name in (*names_png, "study_drift.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 1000
         assert f"]({name})" in text
     assert (tmp_path / "figures" / "theorem_identities.png").is_file()
     runs = {r.key for n in names for r in EXPERIMENTS[n].runs(SMOKE)}
     assert runs <= {p.name for p in (tmp_path / "runs" / "smoke").iterdir()}
+    # Every run keeps its learning curve: 20 points (or fewer for tiny budgets), the last at
+    # the final step, with the sequences seen and training seconds so far.
+    for run in EXPERIMENTS["paper01"].runs(SMOKE):
+        history = Store(tmp_path / "runs" / "smoke").result(run)["history"]
+        assert history[-1]["step"] == run.steps
+        assert [h["sequences"] for h in history] == [h["step"] * run.batch_size for h in history]
+        assert all(
+            0 <= a["seconds"] <= b["seconds"] for a, b in zip(history, history[1:], strict=False)
+        )
+
+
+# ---------------------------------------------------------------------------- curves, profiles
+
+
+class FakeStore:
+    """Just enough of a Store for curve_note: result(run)["history"]."""
+
+    def __init__(self, histories: dict[str, list[tuple[int, float]]]):
+        self.histories = histories
+
+    def result(self, run: str) -> dict:
+        points = self.histories[run]
+        return {"history": [{"step": s, "accuracy": a} for s, a in points]}
+
+
+def test_curve_note_tells_flat_from_rising_and_extrapolates():
+    flat = [(100, 0.2), (200, 0.5), (300, 0.60), (400, 0.61)]
+    rising = [(100, 0.1), (200, 0.2), (300, 0.3), (400, 0.4)]  # +10 pp per 100 steps
+    store = FakeStore({"flat": flat, "rising": rising})
+    assert report.rise(store.result("flat")["history"]) == pytest.approx(0.01)
+    assert report.curve_note(store, ["flat"]) == "flat"
+    note = report.curve_note(store, ["rising"], target=0.8)
+    assert note.startswith("still rising (+10.0 pp")
+    assert "reaches 80% near step 800" in note  # 0.4 + 0.1 per 100 steps
+    assert report.curve_note(store, ["flat", "rising"]).startswith("still rising")
+
+
+def test_full_profile_defaults_to_quick_and_unknown_profiles_are_refused():
+    assert PROFILES["full"].pick(1, 2, 3) == 2
+    assert PROFILES["full"].pick(1, 2, 3, full=4) == 4
+    assert PROFILES["paper"].pick(1, 2, 3, full=4) == 3
+    with pytest.raises(ValueError, match="unknown profile"):
+        report.Profile("huge")
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
+def test_paper04_prefix_and_lora_train_exactly_as_many_parameters(profile):
+    from analysis.experiments import paper03, paper04
+    from probe.adapters import make_adapter
+    from probe.model import Transformer, preset
+
+    p = PROFILES[profile]
+    base = Transformer(preset("03", **dict(paper03.model_overrides(p))))
+    counts = {
+        m: make_adapter(m, base, **dict(paper04.options(p, m))).n_params for m in ("prefix", "lora")
+    }
+    assert counts["prefix"] == counts["lora"]
+    if profile != "smoke":
+        assert counts["lora"] == paper04.PAPER_PARAMS  # the paper's 12,288
+
+
+def test_recipes_smoke_writes_its_table_and_figure(tmp_path):
+    from analysis.recipes import recipes, trials
+
+    path = recipes(2, "cpu", tmp_path / "runs", tmp_path / "figures", profile="smoke")
+    text = path.read_text()
+    chosen = [t for t in trials(SMOKE) if t.chosen]
+    assert len(chosen) == 4  # one chosen recipe per search group
+    for t in trials(SMOKE):
+        assert t.label in text
+    assert text.count("**(chosen)**") == len(chosen)
+    assert (tmp_path / "figures" / "recipes.png").stat().st_size > 10_000
 
 
 def test_ledger_has_a_verdict_for_every_claim():
