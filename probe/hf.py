@@ -951,7 +951,10 @@ class _LayerAcc:
         keep = (1 - d.alpha).permute(1, 0, 2)[..., None]  # [H, b, T, 1]
         z, zb = (t.permute(2, 0, 1, 3) for t in (rec.z, d.z_base))  # [H, b, T, e]
         G = torch.cat([z, zb, keep * zb], -1).flatten(1, 2)  # [H, N, 3e]
-        self.R = torch.linalg.qr(G if self.R is None else torch.cat([self.R, G], 1), mode="r")[1]
+        with _small_linalg():
+            self.R = torch.linalg.qr(G if self.R is None else torch.cat([self.R, G], 1), mode="r")[
+                1
+            ]
         self.n += G.shape[1]
         self.W = (rec.W_O, rec.base_W_O)
 
@@ -975,8 +978,13 @@ class _LayerAcc:
         )
         W, Wf = self.W
         e = W.shape[1]
+        # [W_O; W_Of]^T = Q_w R_w (Q_w [d, 2e] orthonormal): any A W_O + B W_Of equals
+        # (A R_w[:, :e]^T + B R_w[:, e:]^T) Q_w^T, whose singular values are those of the
+        # small [3e, 2e] factor, so no SVD ever touches d_model.
+        Rw = torch.linalg.qr(torch.cat([W, Wf], 1).transpose(1, 2), mode="r")[1]  # [H, 2e, 2e]
+        Wr, Wfr = Rw[..., :e].transpose(1, 2), Rw[..., e:].transpose(1, 2)  # [H, e, 2e]
         R = self.R
-        z_part, zb_part, kb_part = R[..., :e] @ W, R[..., e : 2 * e] @ Wf, R[..., 2 * e :] @ Wf
+        z_part, zb_part, kb_part = R[..., :e] @ Wr, R[..., e : 2 * e] @ Wfr, R[..., 2 * e :] @ Wfr
         svd = torch.linalg.svdvals
         out_sv, base_sv = svd(z_part), svd(zb_part)
         sv, change_sv = svd(z_part - kb_part), svd(z_part - zb_part)
@@ -1096,6 +1104,22 @@ def _positions(s: _Setup, offset: int, T: int) -> str:
     return content
 
 
+@contextlib.contextmanager
+def _small_linalg() -> Iterator[None]:
+    """One thread and subnormals flushed to 0 within the block (both restored after), for the
+    many small QRs/SVDs of the bias subspace: on a loaded 2-core machine LAPACK ran them 8x
+    slower on two threads than on one. Values below 1e-38 are far below every tolerance."""
+    threads = torch.get_num_threads()
+    flushed = torch.set_flush_denormal(True)  # False where the CPU cannot
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
 def _check_hf(
     base_model,
     tokens,
@@ -1141,7 +1165,8 @@ def _check_hf(
                 kept.append(_first_row(rec))
 
         _run(s, t, offset, rows, on_record)
-    merged = [acc.result(i) for i, acc in enumerate(accs)]
+    with _small_linalg():
+        merged = [acc.result(i) for i, acc in enumerate(accs)]
     expected = [s.P > 0 and f for f in s.frozen]
     result = TheoremCheck(
         decompositions=[m[0] for m in merged],
@@ -1344,6 +1369,7 @@ def check_theorem_dirs(
         }
         g = torch.Generator().manual_seed(seed)
         kwargs["prefix"] = random_prefix(stats, len(plain), prefix_len, g)
+        del plain, stats  # free the records before the check
         what = f"a random key/value prefix, P={prefix_len}"
     elif "tuned_model" in kwargs:
         tuned = kwargs["tuned_model"]
