@@ -951,6 +951,8 @@ class _LayerAcc:
         keep = (1 - d.alpha).permute(1, 0, 2)[..., None]  # [H, b, T, 1]
         z, zb = (t.permute(2, 0, 1, 3) for t in (rec.z, d.z_base))  # [H, b, T, e]
         G = torch.cat([z, zb, keep * zb], -1).flatten(1, 2)  # [H, N, 3e]
+        self.dtype = G.dtype
+        G = G.float() if G.dtype in (torch.float16, torch.bfloat16) else G  # no half QR on CPU
         with _small_linalg():
             self.R = torch.linalg.qr(G if self.R is None else torch.cat([self.R, G], 1), mode="r")[
                 1
@@ -976,7 +978,7 @@ class _LayerAcc:
             z_error=self.z_err,
             alpha_error=self.a_err,
         )
-        W, Wf = self.W
+        W, Wf = (w.to(self.R.dtype) for w in self.W)
         e = W.shape[1]
         # [W_O; W_Of]^T = Q_w R_w (Q_w [d, 2e] orthonormal): any A W_O + B W_Of equals
         # (A R_w[:, :e]^T + B R_w[:, e:]^T) Q_w^T, whose singular values are those of the
@@ -989,7 +991,7 @@ class _LayerAcc:
         out_sv, base_sv = svd(z_part), svd(zb_part)
         sv, change_sv = svd(z_part - kb_part), svd(z_part - zb_part)
         scale = torch.maximum(out_sv[:, 0], base_sv[:, 0])
-        tol = max(self.n, W.shape[-1]) * torch.finfo(W.dtype).eps * scale
+        tol = max(self.n, W.shape[-1]) * torch.finfo(self.dtype).eps * scale
         sub = probes.BiasSubspace(
             layer=layer,
             P=self.P,
