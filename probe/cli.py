@@ -209,8 +209,16 @@ def cmd_check_theorem(args) -> int:
     from tasks import test_set
 
     if hf.is_hf_model_dir(args.base):  # a Hugging Face model: probe.hf (needs the hf extra)
-        task = get_task(args.task)
-        tokens = test_set(task, args.n, args.seed).tokens[:, :-1]
+        texts = list(args.text or [])
+        if args.text_file:
+            texts += Path(args.text_file).read_text().splitlines()
+        if args.text or args.text_file:  # real text through the directory's tokenizer
+            tokens = hf.tokenize_texts(args.base, texts)
+            inputs = f"{len(tokens)} text(s), {sum(t.shape[1] for t in tokens)} tokens"
+        else:
+            task = get_task(args.task)
+            tokens = test_set(task, args.n, args.seed).tokens[:, :-1]
+            inputs = f"{args.n} {task.name} inputs"
         run = hf.check_theorem_dirs(
             args.base,
             args.adapter,
@@ -221,9 +229,8 @@ def cmd_check_theorem(args) -> int:
             device=args.device,
             tol_factor=args.tol_factor,
         )
-        header = (
-            f"{args.base} with {run.what}: {args.n} {task.name} inputs, {run.records[0].q.dtype}"
-        )
+        header = f"{args.base} with {run.what}: {inputs}, {run.records[0].q.dtype}"
+        header += f"\n{run.positions}"
         return print_theorem_check(header, run.result, run.records, run.frozen)
 
     base = Transformer.load(args.base, args.device).eval()
@@ -342,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--base",
         required=True,
         help="a model directory from `probe pretrain`, or a Hugging Face model directory "
-        "(GPT-2 family; needs the hf extra)",
+        "(GPT-2, Llama, Qwen2, Mistral, GPT-NeoX; needs the hf extra)",
     )
     p.add_argument(
         "--adapter",
@@ -350,7 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model directory (drift only); default: a random key/value prefix",
     )
     p.add_argument("--task", default="sort_asc", help="inputs from this task's held-out set")
-    p.add_argument("--n", type=positive_int, default=256, help="inputs (default %(default)s)")
+    p.add_argument(
+        "--text",
+        action="append",
+        help="with an HF --base: probe this text, tokenized by the directory's tokenizer (repeat)",
+    )
+    p.add_argument("--text-file", help="with an HF --base: probe each non-empty line of this file")
+        p.add_argument("--n", type=positive_int, default=256, help="inputs (default %(default)s)")
     p.add_argument("--prefix-len", type=int, default=4, help="random prefix P, no --adapter")
     p.add_argument("--seed", type=int, default=0, help="inputs and random prefix seed")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default: the saved dtype")
