@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with an HF --base: probe this text, tokenized by the directory's tokenizer (repeat)",
     )
     p.add_argument("--text-file", help="with an HF --base: probe each non-empty line of this file")
-        p.add_argument("--n", type=positive_int, default=256, help="inputs (default %(default)s)")
+    p.add_argument("--n", type=positive_int, default=256, help="inputs (default %(default)s)")
     p.add_argument("--prefix-len", type=int, default=4, help="random prefix P, no --adapter")
     p.add_argument("--seed", type=int, default=0, help="inputs and random prefix seed")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default: the saved dtype")
