@@ -1,16 +1,21 @@
-"""The ``probe`` command line: ``probe tasks``, ``probe pretrain``, ..."""
+"""The probe layer's commands (``probe tasks``, ``pretrain``, ``tune``, ``evaluate``,
+``check-theorem``) and the CLI's shared plumbing (``build_parser``, ``main``'s error handling).
+
+The ``probe`` console script is :mod:`prefix_probe.cli`, at the top of the layers
+(tasks -> probe -> analysis -> prefix_probe): it hands every layer's ``add_command(s)`` to
+:func:`build_parser` here, so this module imports nothing above the probe layer.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from analysis.reproduce import add_command as add_reproduce
 from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
-from probe.bench import add_command as add_bench
 from probe.hf import MissingExtraError
 from probe.model import PRESETS, Transformer, preset
 from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
@@ -209,10 +214,17 @@ def print_theorem_check(header: str, result, records, frozen) -> int:
     return 1 if failures else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="probe", description=__doc__)
+def build_parser(*registrars: Callable[[argparse._SubParsersAction], None]):
+    """The ``probe`` parser with the subcommands each registrar adds (default: this layer's)."""
+    parser = argparse.ArgumentParser(prog="probe", description="prefix-probe's command line")
     sub = parser.add_subparsers(dest="command", required=True)
+    for register in registrars or (add_commands,):
+        register(sub)
+    return parser
 
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the probe layer's subcommands: tasks, pretrain, tune, evaluate, check-theorem."""
     sub.add_parser("tasks", help="list the registered tasks").set_defaults(run=cmd_tasks)
 
     p = sub.add_parser("pretrain", help="train a base model on a task")
@@ -270,13 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_check_theorem)
-    add_reproduce(sub)
-    add_bench(sub)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one command; ``parser`` defaults to this layer's (prefix_probe.cli passes all)."""
+    args = (parser or build_parser()).parse_args(argv)
     if args.command in ("pretrain", "tune") and args.threads:
         if args.threads < 0:
             print(f"probe {args.command}: error: --threads must be >= 0", file=sys.stderr)
