@@ -19,7 +19,13 @@ from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
 from probe.hf import MissingExtraError
 from probe.model import PRESETS, Transformer, preset
 from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
-from tasks import get_task, list_tasks
+from tasks import get_task, list_tasks, task_source
+from tasks.sources import import_source
+
+TASK_HELP = (
+    "a task name (see `probe tasks`), or your own: MODULE:NAME (a module on the Python path) "
+    "or path/to/file.py:NAME"
+)
 
 
 def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size: int):
@@ -65,8 +71,17 @@ def train_config(args, lr: float | None = None) -> TrainConfig:
 
 
 def cmd_tasks(args) -> int:
-    for t in list_tasks():
-        print(f"{t.name:16s} vocab {t.vocab_size:2d}  {t.description}")
+    for source in args.load:  # a module or file whose import registers tasks, or MODULE:NAME
+        if ":" in source:
+            get_task(source)
+        else:
+            import_source(source, f"probe tasks --load {source!r}")
+    listed = list_tasks()
+    width = max(len(t.name) for t in listed) + 2
+    for t in listed:
+        print(
+            f"{t.name:{width}s} vocab {t.vocab_size:2d}  {task_source(t.name):24s}  {t.description}"
+        )
     return 0
 
 
@@ -225,10 +240,20 @@ def build_parser(*registrars: Callable[[argparse._SubParsersAction], None]):
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the probe layer's subcommands: tasks, pretrain, tune, evaluate, check-theorem."""
-    sub.add_parser("tasks", help="list the registered tasks").set_defaults(run=cmd_tasks)
+    p = sub.add_parser(
+        "tasks", help="list the tasks: name, vocabulary, where each came from, description"
+    )
+    p.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also import this module or .py file (its tasks.register calls add tasks); repeat",
+    )
+    p.set_defaults(run=cmd_tasks)
 
     p = sub.add_parser("pretrain", help="train a base model on a task")
-    p.add_argument("--task", required=True, help="a task name (see `probe tasks`)")
+    p.add_argument("--task", required=True, help=TASK_HELP)
     p.add_argument("--preset", default="01", choices=sorted(PRESETS), help="model preset")
     p.add_argument("--out", required=True, help="directory to save the model to")
     add_train_args(p, steps=1500, lr=3e-3, batch_size=128)
@@ -236,7 +261,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("tune", help="tune an adapter on a frozen base model")
     p.add_argument("--base", required=True, help="a model directory from `probe pretrain`")
-    p.add_argument("--task", required=True, help="a task name (see `probe tasks`)")
+    p.add_argument("--task", required=True, help=TASK_HELP)
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument("--length", type=int, help="prefix / prompt length P (default 1)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 1)")
@@ -249,7 +274,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy table: adapters x tasks")
     p.add_argument("--base", required=True, help="a model directory from `probe pretrain`")
     p.add_argument("--adapter", action="append", default=[], help="adapter directory (repeat)")
-    p.add_argument("--task", nargs="+", required=True, help="task names")
+    p.add_argument("--task", nargs="+", required=True, help=TASK_HELP + "; several")
     p.add_argument("--n", type=int, default=3200, help="held-out samples (default 3200)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_evaluate)
@@ -269,7 +294,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="an adapter directory (ours, or a PEFT one with an HF --base), or a fine-tuned "
         "model directory (drift only); default: a random key/value prefix",
     )
-    p.add_argument("--task", default="sort_asc", help="inputs from this task's held-out set")
+    p.add_argument(
+        "--task", default="sort_asc", help="inputs from this task's held-out set: " + TASK_HELP
+    )
     p.add_argument("--n", type=int, default=256, help="inputs (default %(default)s)")
     p.add_argument("--prefix-len", type=int, default=4, help="random prefix P, no --adapter")
     p.add_argument("--seed", type=int, default=0, help="inputs and random prefix seed")
