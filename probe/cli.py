@@ -9,6 +9,7 @@ The ``probe`` console script is :mod:`prefix_probe.cli`, at the top of the layer
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
 from probe.hf import MissingExtraError
-from probe.model import PRESETS, Transformer, preset
+from probe.model import PRESETS, ModelConfig, Transformer, preset
 from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
 from tasks import get_task, list_tasks, task_source
 from tasks.sources import import_source
@@ -85,15 +86,75 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def parse_set(item: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` -> (field, value); the value is read as JSON (2, 0.1, false, null), else
+    kept as a string, so that ModelConfig's own checks name a wrong type."""
+    field, sep, text = item.partition("=")
+    if not sep or not field.strip():
+        raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set n_layers=2")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = {"True": True, "False": False, "None": None}.get(text, text)
+    return field.strip(), value
+
+
+def read_config_file(path: str | Path) -> dict:
+    """ModelConfig fields from a JSON or TOML file (``.toml``), or a saved model's config.json."""
+    path = Path(path)
+    text = path.read_text()  # FileNotFoundError names the path
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ModuleNotFoundError:
+        raise ValueError(
+            f"{path}: reading TOML needs Python >= 3.11 or `pip install tomli`; "
+            "or write the config as JSON"
+        ) from None
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(
+            f"{path}: not valid {path.suffix[1:] or 'JSON'} ({e}); fix the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a table of ModelConfig fields, got {type(data).__name__}"
+        )
+    if data.get("format") == "prefix-probe-model/1":  # a saved model's shape
+        data = data["config"]
+    return data
+
+
+def model_config(name: str, config_file: str | Path | None = None, sets=()) -> ModelConfig:
+    """Preset ``name`` with fields overridden by ``config_file``, then by ``--set`` items.
+
+    ``d_mlp`` follows ``d_model`` (4x) unless given, as in ModelConfig. Unknown fields and bad
+    values raise ModelConfig's own errors.
+    """
+    overrides = read_config_file(config_file) if config_file else {}
+    overrides.update(parse_set(item) for item in sets)
+    fields = preset(name).to_dict()
+    if "d_model" in overrides and "d_mlp" not in overrides:
+        fields["d_mlp"] = None
+    return ModelConfig.from_dict({**fields, **overrides})
+
+
 def cmd_pretrain(args) -> int:
     task = get_task(args.task)
     torch.manual_seed(args.seed)
-    model = Transformer(preset(args.preset))
+    model = Transformer(model_config(args.preset, args.config, args.set))
     result = pretrain(task, model, train_config(args))
     model.save(args.out)
     n = sum(p.numel() for p in model.parameters())
+    changes = [*([args.config] if args.config else []), *args.set]
+    shape = f" ({' '.join(changes)})" if changes else ""
     print(
-        f"pretrained preset {args.preset} ({n:,} parameters) on {task.name}: "
+        f"pretrained preset {args.preset}{shape} ({n:,} parameters) on {task.name}: "
         f"held-out exact match {result.accuracy:.2%} after {result.steps} steps "
         f"in {result.seconds:.1f} s -> {args.out}"
     )
@@ -255,6 +316,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train a base model on a task")
     p.add_argument("--task", required=True, help=TASK_HELP)
     p.add_argument("--preset", default="01", choices=sorted(PRESETS), help="model preset")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a ModelConfig field of the preset, e.g. --set n_layers=2 --set "
+        "d_model=128 (d_mlp follows d_model unless set); repeat; applied after --config",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="ModelConfig fields from a JSON or .toml file (or a saved model's config.json) "
+        "over the preset",
+    )
     p.add_argument("--out", required=True, help="directory to save the model to")
     add_train_args(p, steps=1500, lr=3e-3, batch_size=128)
     p.set_defaults(run=cmd_pretrain)
