@@ -6,6 +6,7 @@ the code they run; this module, at the top of the layers, is the one place that 
     tasks, pretrain, tune, evaluate, check-theorem   probe.cli.add_commands
     bench                                            probe.bench.add_command
     reproduce                                        analysis.reproduce.add_command
+    results                                          analysis.results.add_command
 
 Parsing, the thread setting and the one-line error handling are ``probe.cli.main``'s.
 """
@@ -15,11 +16,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from analysis import reproduce
+from analysis import reproduce, results
 from probe import bench
 from probe import cli as probe_cli
 
-REGISTRARS = (probe_cli.add_commands, bench.add_command, reproduce.add_command)
+REGISTRARS = (
+    probe_cli.add_commands,
+    bench.add_command,
+    reproduce.add_command,
+    results.add_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
