@@ -96,6 +96,7 @@ def get_task(name: str) -> Task | Mixture:
         return _REGISTRY[name]
     if ":" in name:
         return sources.task_from_reference(name)
+    sources.load_env_modules()
     sources.load_entry_points()
     try:
         return _REGISTRY[name]

@@ -17,8 +17,11 @@ point loads a module (whose import registers tasks), a Task / Mixture, or a list
     mytasks = "mytasks"                 # importing the module registers its tasks
     rotate1 = "mytasks:ROTATE1"         # one Task object
 
-They are loaded the first time a name is not found, or the tasks are listed. Every failure is one
-line (a :class:`TaskReferenceError`) that names the reference and what to do.
+They are loaded the first time a name is not found, or the tasks are listed, and so are the modules
+or files listed in the environment variable ``PREFIX_PROBE_TASK_MODULES`` (separated by
+``os.pathsep``); ``probe reproduce --experiments-module`` sets it, so that worker processes find
+the tasks an experiment module registers. Every failure is one line (a
+:class:`TaskReferenceError`) that names the reference and what to do.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from contextlib import contextmanager
 from importlib.metadata import entry_points
@@ -36,6 +40,7 @@ from tasks import library
 from tasks.base import Mixture, Task
 
 GROUP = "prefix_probe.tasks"
+ENV = "PREFIX_PROBE_TASK_MODULES"
 HINT = "write MODULE:NAME (a module on the Python path) or path/to/file.py:NAME"
 _entry_points_loaded = False
 
@@ -166,3 +171,19 @@ def load_entry_points() -> None:
                     "tasks.Mixture, or a list of them"
                 )
     _entry_points_loaded = True
+
+
+def load_env_modules() -> None:
+    """Import the modules and files listed in ``$PREFIX_PROBE_TASK_MODULES`` (each once)."""
+    for module in filter(None, os.environ.get(ENV, "").split(os.pathsep)):
+        import_source(module, f"{ENV} entry {module!r}")
+
+
+def add_env_module(module: str) -> None:
+    """List ``module`` (a name, or a file, made absolute) in ``$PREFIX_PROBE_TASK_MODULES``, so
+    that processes started from here import it when looking up a task."""
+    if is_file_reference(module):
+        module = str(Path(module).expanduser().resolve())
+    listed = [m for m in os.environ.get(ENV, "").split(os.pathsep) if m]
+    if module not in listed:
+        os.environ[ENV] = os.pathsep.join([*listed, module])
