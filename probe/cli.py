@@ -79,10 +79,10 @@ def cmd_tasks(args) -> int:
             import_source(source, f"probe tasks --load {source!r}")
     listed = list_tasks()
     width = max(len(t.name) for t in listed) + 2
+    src_width = max(len(task_source(t.name)) for t in listed) + 2
     for t in listed:
-        print(
-            f"{t.name:{width}s} vocab {t.vocab_size:2d}  {task_source(t.name):24s}  {t.description}"
-        )
+        source = task_source(t.name)
+        print(f"{t.name:{width}s} vocab {t.vocab_size:2d}  {source:{src_width}s}{t.description}")
     return 0
 
 
