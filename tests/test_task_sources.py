@@ -32,6 +32,7 @@ def clean_registry(monkeypatch):
     monkeypatch.setattr(tasks.library, "_REGISTRY", dict(tasks.library._REGISTRY))
     monkeypatch.setattr(tasks.library, "_SOURCES", dict(tasks.library._SOURCES))
     monkeypatch.setattr(tasks.sources, "_entry_points_loaded", False)
+    monkeypatch.setenv(tasks.sources.ENV, "")
     modules = set(sys.modules)
     yield
     for name in set(sys.modules) - modules:

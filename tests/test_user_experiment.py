@@ -31,7 +31,7 @@ def isolated(monkeypatch):
     saved = dict(EXPERIMENTS)
     monkeypatch.setattr(tasks.library, "_REGISTRY", dict(tasks.library._REGISTRY))
     monkeypatch.setattr(tasks.library, "_SOURCES", dict(tasks.library._SOURCES))
-    monkeypatch.delenv(sources.ENV, raising=False)
+    monkeypatch.setenv(sources.ENV, "")  # recorded, so the value reproduce sets is undone
     monkeypatch.chdir(ROOT)
     threads = torch.get_num_threads()
     forget_example_module()
