@@ -1,4 +1,9 @@
-"""``probe reproduce``: run every experiment's runs (resumably), then regenerate figures/."""
+"""``probe reproduce``: run every experiment's runs (resumably), then regenerate figures/.
+
+Experiments of one's own live in one's own module or file, loaded with ``--experiments-module``
+(see examples/my_experiment.py): it defines ``EXPERIMENT`` (an :class:`analysis.report.Experiment`)
+or ``EXPERIMENTS`` (a list), which join the registry; with no names given, only they run.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,42 @@ import argparse
 import time
 from pathlib import Path
 
-from analysis.experiments import EXPERIMENTS
-from analysis.report import PROFILES, markdown_table
+from analysis.experiments import EXPERIMENTS, register
+from analysis.report import PROFILES, Experiment, markdown_table
 from analysis.runs import Store, run_all
+from tasks.sources import add_env_module, import_source
+
+
+def load_experiments(module: str) -> list[str]:
+    """Import a module (on the Python path) or a .py file of experiments, register its
+    ``EXPERIMENT`` / ``EXPERIMENTS`` and return their names. Worker processes import it too (via
+    ``$PREFIX_PROBE_TASK_MODULES``), so that the tasks it registers resolve there."""
+    what = f"--experiments-module {module!r}"
+    mod = import_source(module, what)
+    found = getattr(mod, "EXPERIMENTS", None) or [getattr(mod, "EXPERIMENT", None)]
+    found = list(found.values()) if isinstance(found, dict) else list(found)
+    if not found or not all(isinstance(e, Experiment) for e in found):
+        raise ValueError(
+            f"{what}: define EXPERIMENT = analysis.report.Experiment(...) or EXPERIMENTS = [...] "
+            "in it (see examples/my_experiment.py)"
+        )
+    add_env_module(module)
+    return [register(e).name for e in found]
 
 
 def reproduce(
-    names: list[str], profile: str, jobs: int, device: str, runs_dir: Path, figures_dir: Path
+    names: list[str],
+    profile: str,
+    jobs: int,
+    device: str,
+    runs_dir: Path,
+    figures_dir: Path,
+    modules: list[str] = (),
 ) -> Path:
+    """Train the runs of experiments ``names`` (default: those of ``modules`` if given, else
+    all built-ins) into ``runs_dir/profile``, then write their figures and index."""
+    loaded = [name for m in modules for name in load_experiments(m)]
+    names = list(names) or loaded
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiments {unknown}; choose from {list(EXPERIMENTS)}")
@@ -25,7 +58,8 @@ def reproduce(
     trained = time.perf_counter() - start
     figures_dir.mkdir(parents=True, exist_ok=True)
     sections = [e.report(store, p, figures_dir) for e in experiments]
-    index = write_index(sections, profile, figures_dir, names)
+    options = [f"--experiments-module {m}" for m in modules]
+    index = write_index(sections, profile, figures_dir, [*names, *options])
     print(
         f"{n} runs trained in {trained:.0f} s; figures and tables in {figures_dir}/ "
         f"(index: {index})"
@@ -74,8 +108,25 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="result store")
     p.add_argument("--figures-dir", type=Path, default=Path("figures"))
+    p.add_argument(
+        "--experiments-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module or .py file of your own experiments (EXPERIMENT or EXPERIMENTS); with no "
+        "experiment names, run only its experiments; repeat",
+    )
     p.set_defaults(
         run=lambda a: (
-            reproduce(a.experiments, a.profile, a.jobs, a.device, a.runs_dir, a.figures_dir) and 0
+            reproduce(
+                a.experiments,
+                a.profile,
+                a.jobs,
+                a.device,
+                a.runs_dir,
+                a.figures_dir,
+                a.experiments_module,
+            )
+            and 0
         )
     )

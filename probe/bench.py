@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from probe.adapters import DEFAULT_LR, make_adapter, tune
+from probe.cli import build_parser, train_config  # time_to_accuracy uses the CLI's own defaults
 from probe.model import Transformer, preset
 from probe.train import FUSED_ADAMW, TrainConfig, evaluate, output_logits, pretrain
 from tasks import get_task
@@ -207,7 +208,6 @@ def time_evaluation(name: str, bench: BenchConfig) -> dict:
 
 def time_to_accuracy(bench: BenchConfig) -> dict:
     """The paper's experiment 01 with ``probe pretrain`` / ``probe tune`` defaults, timed."""
-    from probe.cli import build_parser, train_config  # the CLI's own defaults
 
     def cli_config(*argv: str, lr: float | None = None) -> TrainConfig:
         args = build_parser().parse_args([*argv, "--out", "-", "--no-progress"])

@@ -1,23 +1,34 @@
-"""The ``probe`` command line: ``probe tasks``, ``probe pretrain``, ..."""
+"""The probe layer's commands (``probe tasks``, ``pretrain``, ``tune``, ``evaluate``,
+``check-theorem``) and the CLI's shared plumbing (``build_parser``, ``main``'s error handling).
+
+The ``probe`` console script is :mod:`prefix_probe.cli`, at the top of the layers
+(tasks -> probe -> analysis -> prefix_probe): it hands every layer's ``add_command(s)`` to
+:func:`build_parser` here, so this module imports nothing above the probe layer.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from analysis.recipes import add_command as add_recipes
-from analysis.reproduce import add_command as add_reproduce
 from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
-from probe.bench import add_command as add_bench
 from probe.hf import MissingExtraError
 from probe.io import check_target
-from probe.model import PRESETS, Transformer, preset
+from probe.model import PRESETS, ModelConfig, Transformer, preset
 from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
-from tasks import get_task, list_tasks
+from tasks import get_task, list_tasks, task_source
+from tasks.sources import import_source
+
+TASK_HELP = (
+    "a task name (see `probe tasks`), or your own: MODULE:NAME (a module on the Python path) "
+    "or path/to/file.py:NAME"
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -116,21 +127,90 @@ def train_config(args, lr: float | None = None) -> TrainConfig:
 
 
 def cmd_tasks(args) -> int:
-    for t in list_tasks():
-        print(f"{t.name:16s} vocab {t.vocab_size:2d}  {t.description}")
+    for source in args.load:  # a module or file whose import registers tasks, or MODULE:NAME
+        if ":" in source:
+            get_task(source)
+        else:
+            import_source(source, f"probe tasks --load {source!r}")
+    listed = list_tasks()
+    width = max(len(t.name) for t in listed) + 2
+    src_width = max(len(task_source(t.name)) for t in listed) + 2
+    for t in listed:
+        source = task_source(t.name)
+        print(f"{t.name:{width}s} vocab {t.vocab_size:2d}  {source:{src_width}s}{t.description}")
     return 0
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` -> (field, value); the value is read as JSON (2, 0.1, false, null), else
+    kept as a string, so that ModelConfig's own checks name a wrong type."""
+    field, sep, text = item.partition("=")
+    if not sep or not field.strip():
+        raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set n_layers=2")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = {"True": True, "False": False, "None": None}.get(text, text)
+    return field.strip(), value
+
+
+def read_config_file(path: str | Path) -> dict:
+    """ModelConfig fields from a JSON or TOML file (``.toml``), or a saved model's config.json."""
+    path = Path(path)
+    text = path.read_text()  # FileNotFoundError names the path
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ModuleNotFoundError:
+        raise ValueError(
+            f"{path}: reading TOML needs Python >= 3.11 or `pip install tomli`; "
+            "or write the config as JSON"
+        ) from None
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(
+            f"{path}: not valid {path.suffix[1:] or 'JSON'} ({e}); fix the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a table of ModelConfig fields, got {type(data).__name__}"
+        )
+    if data.get("format") == "prefix-probe-model/1":  # a saved model's shape
+        data = data["config"]
+    return data
+
+
+def model_config(name: str, config_file: str | Path | None = None, sets=()) -> ModelConfig:
+    """Preset ``name`` with fields overridden by ``config_file``, then by ``--set`` items.
+
+    ``d_mlp`` follows ``d_model`` (4x) unless given, as in ModelConfig. Unknown fields and bad
+    values raise ModelConfig's own errors.
+    """
+    overrides = read_config_file(config_file) if config_file else {}
+    overrides.update(parse_set(item) for item in sets)
+    fields = preset(name).to_dict()
+    if "d_model" in overrides and "d_mlp" not in overrides:
+        fields["d_mlp"] = None
+    return ModelConfig.from_dict({**fields, **overrides})
 
 
 def cmd_pretrain(args) -> int:
     check_target(args.out, args.overwrite)  # before training, not after
     task = get_task(args.task)
     torch.manual_seed(args.seed)
-    model = Transformer(preset(args.preset))
+    model = Transformer(model_config(args.preset, args.config, args.set))
     result = pretrain(task, model, train_config(args))
     model.save(args.out, args.overwrite)
     n = sum(p.numel() for p in model.parameters())
+    changes = [*([args.config] if args.config else []), *args.set]
+    shape = f" ({' '.join(changes)})" if changes else ""
     print(
-        f"pretrained preset {args.preset} ({n:,} parameters) on {task.name}: "
+        f"pretrained preset {args.preset}{shape} ({n:,} parameters) on {task.name}: "
         f"held-out exact match {result.accuracy:.2%} after {result.steps} steps "
         f"in {result.seconds:.1f} s -> {args.out}"
     )
@@ -303,27 +383,60 @@ def print_theorem_check(header: str, result, records, frozen) -> int:
     return 1 if failures else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="probe", description=__doc__)
+def build_parser(*registrars: Callable[[argparse._SubParsersAction], None]):
+    """The ``probe`` parser with the subcommands each registrar adds (default: this layer's)."""
+    parser = Parser(prog="probe", description="prefix-probe's command line")
     parser.add_argument(
         "--debug",
         action="store_true",
         help="show the traceback of an error (or set PROBE_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for register in registrars or (add_commands,):
+        register(sub)
+    for p in sub.choices.values():  # `probe CMD --debug` too; SUPPRESS keeps `probe --debug CMD`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="traceback")
+    return parser
 
-    sub.add_parser("tasks", help="list the registered tasks").set_defaults(run=cmd_tasks)
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the probe layer's subcommands: tasks, pretrain, tune, evaluate, check-theorem."""
+    p = sub.add_parser(
+        "tasks", help="list the tasks: name, vocabulary, where each came from, description"
+    )
+    p.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also import this module or .py file (its tasks.register calls add tasks); repeat",
+    )
+    p.set_defaults(run=cmd_tasks)
 
     p = sub.add_parser("pretrain", help="train a base model on a task")
-    p.add_argument("--task", required=True, help="a task name (see `probe tasks`)")
+    p.add_argument("--task", required=True, help=TASK_HELP)
     p.add_argument("--preset", default="01", choices=sorted(PRESETS), help="model preset")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a ModelConfig field of the preset, e.g. --set n_layers=2 --set "
+        "d_model=128 (d_mlp follows d_model unless set); repeat; applied after --config",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="ModelConfig fields from a JSON or .toml file (or a saved model's config.json) "
+        "over the preset",
+    )
     p.add_argument("--out", required=True, help="directory to save the model to")
     add_train_args(p, steps=1500, lr=3e-3, batch_size=128)
     p.set_defaults(run=cmd_pretrain)
 
     p = sub.add_parser("tune", help="tune an adapter on a frozen base model")
     p.add_argument("--base", required=True, help="a model directory from `probe pretrain`")
-    p.add_argument("--task", required=True, help="a task name (see `probe tasks`)")
+    p.add_argument("--task", required=True, help=TASK_HELP)
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument("--length", type=int, help="prefix / prompt length P (default 1)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 1)")
@@ -336,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="accuracy table: adapters x tasks")
     p.add_argument("--base", required=True, help="a model directory from `probe pretrain`")
     p.add_argument("--adapter", action="append", default=[], help="adapter directory (repeat)")
-    p.add_argument("--task", nargs="+", required=True, help="task names")
+    p.add_argument("--task", nargs="+", required=True, help=TASK_HELP + "; several")
     p.add_argument("--n", type=positive_int, default=3200, help="held-out samples (default 3200)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_evaluate)
@@ -356,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="an adapter directory (ours, or a PEFT one with an HF --base), or a fine-tuned "
         "model directory (drift only); default: a random key/value prefix",
     )
-    p.add_argument("--task", default="sort_asc", help="inputs from this task's held-out set")
+    p.add_argument(
+        "--task", default="sort_asc", help="inputs from this task's held-out set: " + TASK_HELP
+    )
     p.add_argument(
         "--text",
         action="append",
@@ -375,23 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_check_theorem)
-    add_reproduce(sub)
-    add_recipes(sub)
-    add_bench(sub)
-    for p in sub.choices.values():  # `probe CMD --debug` too; SUPPRESS keeps `probe --debug CMD`
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="traceback")
-    return parser
 
 
 # Failures a user can cause and fix: one line, exit 2. Anything else is a bug in probe.
 EXPECTED = (ValueError, KeyError, OSError, TrainingDiverged, MissingExtraError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a command. Expected failures print one line (the problem and the fix) and return 2;
-    unexpected ones print one line saying how to report them and return 3. With ``--debug`` or
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run a command; ``parser`` defaults to this layer's (prefix_probe.cli passes all).
+    Expected failures print one line (the problem and the fix) and return 2; unexpected ones
+    print one line saying how to report them and return 3. With ``--debug`` or
     ``PROBE_DEBUG=1`` the traceback is shown instead."""
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     debug = args.debug or os.environ.get("PROBE_DEBUG", "") not in ("", "0")
     if args.command in ("pretrain", "tune") and args.threads:
         if args.threads < 0:

@@ -21,13 +21,15 @@ from tasks.base import (
     split_hash,
     test_set,
 )
-from tasks.library import UnknownTaskError, get_task, list_tasks, register
+from tasks.library import UnknownTaskError, get_task, list_tasks, register, task_source
+from tasks.sources import TaskReferenceError, task_from_reference
 
 __all__ = [
     "SPLITS",
     "Batch",
     "Mixture",
     "Task",
+    "TaskReferenceError",
     "UnknownTaskError",
     "compose",
     "exact_match",
@@ -38,5 +40,7 @@ __all__ = [
     "register",
     "sample_inputs",
     "split_hash",
+    "task_from_reference",
+    "task_source",
     "test_set",
 ]

@@ -7,6 +7,7 @@ functions (not lambdas), so built-in tasks pickle.
 from __future__ import annotations
 
 import functools
+import sys
 
 from torch import Tensor
 
@@ -45,6 +46,8 @@ def hist(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Task | Mixture] = {}
+_SOURCES: dict[str, str] = {}  # name -> where the task came from (``probe tasks`` shows it)
+_LOADING: list[str] = []  # the reference or entry point being imported (tasks.sources)
 
 
 class UnknownTaskError(KeyError):
@@ -54,11 +57,14 @@ class UnknownTaskError(KeyError):
         return str(self.args[0])
 
 
-def register(task: Task | Mixture, replace: bool = False) -> Task | Mixture:
+def register(
+    task: Task | Mixture, replace: bool = False, source: str | None = None
+) -> Task | Mixture:
     """Add `task` to the registry under `task.name` and return it.
 
     Registering the very same object again is a no-op; a different task under a taken name
-    raises ValueError unless `replace=True`.
+    raises ValueError unless `replace=True`. `source` says where it came from (default: the
+    module or file being loaded by a task reference, else the calling module).
     """
     if not isinstance(task, Task | Mixture):
         raise TypeError(f"register takes a Task or Mixture, got {task!r}")
@@ -68,24 +74,46 @@ def register(task: Task | Mixture, replace: bool = False) -> Task | Mixture:
             f"a task named {task.name!r} is already registered; choose another name or pass "
             "replace=True"
         )
+    if old is not task:
+        caller = sys._getframe(1).f_globals.get("__name__", "?")
+        default = "built-in" if caller == __name__ else f"module {caller}"
+        _SOURCES[task.name] = source or (_LOADING[-1] if _LOADING else default)
     _REGISTRY[task.name] = task
     return task
 
 
+def task_source(name: str) -> str:
+    """Where the registered task `name` came from: built-in, a module, a file, an entry point."""
+    return _SOURCES.get(name, "unknown")
+
+
 def get_task(name: str) -> Task | Mixture:
-    """The registered task called `name`."""
+    """The registered task called `name`, or a reference `module:NAME` / `path/file.py:NAME`
+    (see tasks.sources); tasks declared by installed packages' entry points load on a miss."""
+    from tasks import sources  # it imports this module
+
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        return sources.task_from_reference(name)
+    sources.load_env_modules()
+    sources.load_entry_points()
     try:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise UnknownTaskError(
             f"unknown task {name!r}; known tasks: {known}. To add one: "
-            "tasks.register(tasks.Task('my_task', fn, vocab_size=...))"
+            "tasks.register(tasks.Task('my_task', fn, vocab_size=...)), or pass "
+            "module:NAME / path/to/file.py:NAME"
         ) from None
 
 
 def list_tasks() -> list[Task | Mixture]:
-    """All registered tasks, sorted by name."""
+    """All registered tasks (entry points' included), sorted by name."""
+    from tasks import sources
+
+    sources.load_entry_points()
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 

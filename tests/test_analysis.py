@@ -353,7 +353,7 @@ def _smoke_command(runs: Path, figures: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "probe.cli",
+        "prefix_probe",
         "reproduce",
         FAULT_EXPERIMENT,
         "--profile",

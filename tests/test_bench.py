@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
+from prefix_probe.cli import main
 from probe import bench
-from probe.cli import main
 
 TOY = bench.BenchConfig(
     presets=("tiny",),

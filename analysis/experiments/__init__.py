@@ -15,3 +15,15 @@ EXPERIMENTS = {
         ledger.EXPERIMENT,
     )
 }
+
+
+def register(experiment):
+    """Add an experiment of one's own (``probe reproduce --experiments-module``) and return it;
+    a name already taken by another experiment raises ValueError."""
+    old = EXPERIMENTS.get(experiment.name)
+    if old is not None and old is not experiment:
+        raise ValueError(
+            f"an experiment named {experiment.name!r} already exists; give yours another name"
+        )
+    EXPERIMENTS[experiment.name] = experiment
+    return experiment
