@@ -71,7 +71,7 @@ def test_set_builds_the_quick_profiles_03_variant():
     from probe.model import preset
 
     quick = preset("03", **dict(paper03.model_overrides(PROFILES["quick"])))
-    assert model_config("03", sets=["n_layers=2", "d_model=128"]) == quick
+    assert model_config("03", sets=["n_layers=2", "d_model=128", "dropout=0"]) == quick
     assert quick.d_mlp == 512  # d_mlp followed d_model, as a fresh ModelConfig's does
     assert model_config("03", sets=["d_model=128", "d_mlp=64"]).d_mlp == 64
     cfg = model_config("01", sets=["attn_ln=false", "dropout=0", "d_mlp=null"])

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from prefix_probe.cli import main
 from probe import cli, io
 from probe.adapters import load_adapter, make_adapter
-from probe.cli import main, row_names
+from probe.cli import row_names
 from probe.model import Transformer, preset
 
 ROOT = Path(__file__).resolve().parents[1]
