@@ -20,7 +20,6 @@ from analysis import runs
 from analysis.executors import Executor, LocalExecutor, SlurmExecutor, make_executor
 from analysis.experiments import EXPERIMENTS
 from analysis.report import PROFILES
-from analysis.reproduce import reproduce
 from analysis.runs import Run, RunsFailed, Store, run_all, run_sweep, variant
 from probe.cli import main
 from probe.hf import MissingExtraError
