@@ -169,10 +169,11 @@ class SlurmExecutor(Executor):
         cluster: str = "slurm",
     ):
         submitit = _require("submitit", "slurm")
-        if cluster == "slurm" and shutil.which("sbatch") is None:
+        missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+        if cluster == "slurm" and missing:
             raise ValueError(
-                "--executor slurm: sbatch is not on PATH; run probe on a Slurm login node "
-                "(or pass --slurm-cluster local to try the set-up on this machine)"
+                f"--executor slurm: {' and '.join(missing)} not on PATH; run probe on a Slurm "
+                "login node (or pass --slurm-cluster local to try the set-up on this machine)"
             )
         if gpus_per_run != int(gpus_per_run):
             raise ValueError(

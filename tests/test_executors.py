@@ -10,6 +10,7 @@ skipped without them: ``pip install -e '.[test]'`` then
 from __future__ import annotations
 
 import json
+import os
 import sys
 from concurrent.futures import Future
 from pathlib import Path
@@ -109,10 +110,29 @@ def test_slurm_through_submitits_local_executor_matches_the_local_executor(
 def test_slurm_without_sbatch_or_with_a_gpu_fraction_is_one_line(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
-    with pytest.raises(ValueError, match="sbatch is not on PATH.*--slurm-cluster local"):
+    with pytest.raises(ValueError, match="sbatch and srun not on PATH.*--slurm-cluster local"):
         SlurmExecutor(tmp_path)
     with pytest.raises(ValueError, match="whole GPUs"):
         SlurmExecutor(tmp_path, gpus_per_run=0.5, cluster="local")
+
+
+def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """The script submitit would give sbatch (fake sbatch/srun on PATH: no cluster needed)."""
+    pytest.importorskip("submitit")
+    for command in ("sbatch", "srun"):
+        (tmp_path / command).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / command).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    slurm = make_executor(
+        "slurm", jobs=3, device="cuda", partition="gpu", time_min=30,
+        slurm_folder=tmp_path / "jobs", slurm_extra={"account": "proj"},
+    )  # fmt: skip
+    assert isinstance(slurm, SlurmExecutor) and slurm.slots == 3
+    script = slurm._executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--time=30", "--gpus-per-node=1", "--cpus-per-task=1",
+                 "--account=proj", f"--output={tmp_path}/jobs/%j_0_log.out"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script, line
+    slurm.close()
 
 
 # ---------------------------------------------------------------------------- failures
