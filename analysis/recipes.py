@@ -20,6 +20,7 @@ use (trained once). Results go to ``figures/recipes.md`` and ``figures/recipes.p
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 from analysis.experiments import paper03, paper04, study
 from analysis.plots import plt
 from analysis.report import PROFILES, Profile, markdown_table
-from analysis.runs import Run, Store, run_all, variant
+from analysis.runs import Run, RunsFailed, Store, run_all, variant
 
 QUICK = PROFILES["quick"]
 PAPER_TARGETS = ("W_O", "W_in", "W_out")  # the paper's LoRATrainer: c_proj and c_fc
@@ -215,6 +216,15 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--profile", default="quick", choices=["smoke", "quick"], help="smoke: a seconds-long test"
     )
-    p.set_defaults(
-        run=lambda a: recipes(a.jobs, a.device, a.runs_dir, a.figures_dir, a.profile) and 0
-    )
+    p.set_defaults(run=cmd_recipes)
+
+
+def cmd_recipes(a: argparse.Namespace) -> int:
+    """0 when every trial finished; 1 when some failed (the table shows the rest)."""
+    try:
+        recipes(a.jobs, a.device, a.runs_dir, a.figures_dir, a.profile)
+    except RunsFailed as e:
+        report(Store(Path(a.runs_dir) / a.profile), a.figures_dir, PROFILES[a.profile])
+        print(f"probe recipes: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -8,12 +8,14 @@ or ``EXPERIMENTS`` (a list), which join the registry; with no names given, only 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+from analysis.executors import EXECUTORS, Executor, make_executor
 from analysis.experiments import EXPERIMENTS, register
-from analysis.report import PROFILES, Experiment, markdown_table
-from analysis.runs import Store, run_all
+from analysis.report import PROFILES, Experiment, Section, markdown_table
+from analysis.runs import RunsFailed, Store, run_sweep
 from tasks.sources import add_env_module, import_source
 
 
@@ -42,9 +44,17 @@ def reproduce(
     runs_dir: Path,
     figures_dir: Path,
     modules: list[str] = (),
+    executor: Executor | None = None,
+    retries: int = 0,
 ) -> Path:
-    """Train the runs of experiments ``names`` (default: those of ``modules`` if given, else
-    all built-ins) into ``runs_dir/profile``, then write their figures and index."""
+    """Train every unfinished run of the experiments ``names`` (default: those of ``modules``
+    if given, else all built-ins) on ``executor`` (default: a local pool of ``jobs``
+    processes) into ``runs_dir/profile``, then write their figures and the index.
+
+    If runs fail, the others are still trained and every experiment whose runs all finished
+    still gets its figures; the rest are listed as skipped, a summary is printed to stderr and
+    :class:`RunsFailed` is raised after the index is written.
+    """
     loaded = [name for m in modules for name in load_experiments(m)]
     names = list(names) or loaded
     unknown = [n for n in names if n not in EXPERIMENTS]
@@ -54,16 +64,35 @@ def reproduce(
     experiments = [EXPERIMENTS[n] for n in names or EXPERIMENTS]
     store = Store(Path(runs_dir) / profile)
     start = time.perf_counter()
-    n = run_all([r for e in experiments for r in e.runs(p)], store, jobs, device)
+    runs = [r for e in experiments for r in e.runs(p)]
+    outcome = run_sweep(runs, store, jobs, device, executor=executor, retries=retries)
     trained = time.perf_counter() - start
     figures_dir.mkdir(parents=True, exist_ok=True)
-    sections = [e.report(store, p, figures_dir) for e in experiments]
+    sections, skipped = [], []
+    for e in experiments:
+        needed = {r.key: r for r in e.runs(p)}
+        needed.update({r.base.key: r.base for r in needed.values() if r.base})
+        missing = [r for r in needed.values() if not store.done(r)]
+        if missing:
+            why = (
+                f"skipped: {len(missing)} of its {len(needed)} runs did not finish "
+                f"({', '.join(r.label for r in missing[:3])}{', ...' * (len(missing) > 3)})"
+            )
+            skipped.append(f"  {e.name}: {why}")
+            sections.append(Section(e.title, f"*{why}; rerun `probe reproduce` to finish it.*"))
+        else:
+            sections.append(e.report(store, p, figures_dir))
     options = [f"--experiments-module {m}" for m in modules]
     index = write_index(sections, profile, figures_dir, [*names, *options])
     print(
-        f"{n} runs trained in {trained:.0f} s; figures and tables in {figures_dir}/ "
-        f"(index: {index})"
+        f"{outcome.trained} runs trained in {trained:.0f} s; figures and tables in "
+        f"{figures_dir}/ (index: {index})"
     )
+    if outcome.failed:
+        print(f"{len(outcome.failed)} runs did not finish:\n{outcome.summary()}", file=sys.stderr)
+        if skipped:
+            print("experiments without figures:\n" + "\n".join(skipped), file=sys.stderr)
+        raise RunsFailed(outcome, store)
     return index
 
 
@@ -100,13 +129,62 @@ def write_index(sections, profile: str, figures_dir: Path, names: list[str] = ()
     return index
 
 
+def _slurm_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass KEY=VALUE, e.g. account=myproject")
+    return key, value
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    """0 when every run finished; 1 when some failed (figures built from the rest)."""
+    if a.jobs is not None and a.jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {a.jobs}; pass --jobs 1 or more")
+    if a.retries < 0:
+        raise ValueError(f"retries must be >= 0, got {a.retries}; pass --retries 0 or more")
+    executor = make_executor(
+        a.executor,
+        a.jobs,
+        a.device,
+        address=a.address,
+        cpus_per_run=a.cpus_per_run,
+        gpus_per_run=a.gpus_per_run,
+        partition=a.partition,
+        time_min=a.time,
+        slurm_folder=a.runs_dir / ".submitit",
+        slurm_cluster=a.slurm_cluster,
+        slurm_extra=dict(a.slurm_arg or ()),
+    )
+    try:
+        with executor:
+            reproduce(
+                a.experiments,
+                a.profile,
+                a.jobs or 1,
+                a.device,
+                a.runs_dir,
+                a.figures_dir,
+                a.experiments_module,
+                executor=executor,
+                retries=a.retries,
+            )
+    except RunsFailed as e:
+        print(f"probe reproduce: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="run the experiments and regenerate figures/")
     p.add_argument("experiments", nargs="*", help=f"default: all of {list(EXPERIMENTS)}")
     p.add_argument("--profile", default="quick", choices=sorted(PROFILES))
-    p.add_argument("--jobs", type=int, default=1, help="parallel training processes")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="result store")
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs"),
+        help="result store; with ray or slurm a path every worker sees (a shared filesystem)",
+    )
     p.add_argument("--figures-dir", type=Path, default=Path("figures"))
     p.add_argument(
         "--experiments-module",
@@ -116,17 +194,42 @@ def add_command(sub: argparse._SubParsersAction) -> None:
         help="a module or .py file of your own experiments (EXPERIMENT or EXPERIMENTS); with no "
         "experiment names, run only its experiments; repeat",
     )
-    p.set_defaults(
-        run=lambda a: (
-            reproduce(
-                a.experiments,
-                a.profile,
-                a.jobs,
-                a.device,
-                a.runs_dir,
-                a.figures_dir,
-                a.experiments_module,
-            )
-            and 0
-        )
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=EXECUTORS,
+        help="where runs train: local processes (default), a Ray cluster ([ray] extra) or "
+        "Slurm jobs ([slurm] extra)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="runs in flight at once (local: processes, default 1; ray: default what the "
+        "cluster fits; slurm: jobs submitted at once, default 64)",
+    )
+    p.add_argument("--retries", type=int, default=0, help="retry a failed run N more times")
+    p.add_argument("--address", help="ray: cluster address ('auto' on a cluster node); default "
+                   "a local Ray started in this process")  # fmt: skip
+    p.add_argument("--cpus-per-run", type=float, help="ray/slurm: CPUs a run asks for (default 1)")
+    p.add_argument(
+        "--gpus-per-run",
+        type=float,
+        help="ray/slurm: GPUs a run asks for (ray may share one: 0.25); default 1 with "
+        "--device cuda, else 0",
+    )
+    p.add_argument("--partition", help="slurm: partition")
+    p.add_argument("--time", type=int, default=60, help="slurm: minutes a run's job may take")
+    p.add_argument(
+        "--slurm-arg",
+        type=_slurm_arg,
+        action="append",
+        metavar="KEY=VALUE",
+        help="slurm: any other sbatch option, e.g. account=proj or qos=high (repeat)",
+    )
+    p.add_argument(
+        "--slurm-cluster",
+        default="slurm",
+        choices=["slurm", "local"],
+        help="local: submitit runs each job as a local process, to try a set-up without Slurm",
+    )
+    p.set_defaults(run=cmd_reproduce)

@@ -9,7 +9,11 @@ Several processes, on one host or on several sharing a filesystem, may work on o
 once (see :class:`Store`): each run is claimed before it is trained, claims of crashed
 processes are taken over, and a result, once committed, is never replaced. Every run trains
 at ``RUN_THREADS`` intra-op threads whatever ``jobs`` is, so its numbers do not depend on how
-it was scheduled.
+it was scheduled. Where runs train (a local process pool, Ray, Slurm) is an
+:class:`analysis.executors.Executor`; the store is the only state the workers share.
+
+A run that raises leaves ``.<key>.failed`` in the store (the error, the traceback and the
+run's output), never a result; it is removed once the run succeeds.
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+import traceback
+from concurrent.futures import FIRST_COMPLETED, wait
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from functools import partial
-from multiprocessing import get_context
+from io import StringIO, TextIOBase
 from pathlib import Path
 
 import torch
@@ -263,6 +270,40 @@ class Store:
             thread.join()
             self.release(claim, key)
 
+    # ------------------------------------------------------------------ failures
+
+    def failure_path(self, key: str) -> Path:
+        return Path(self.root) / f".{key}.failed"
+
+    def record_failure(self, run: Run, error: str, details: str, attempt: str) -> Path:
+        """Write ``.<key>.failed``: the one-line error, who failed and ``details`` (traceback,
+        output). Replaced whole (rename) on each attempt, so a reader never sees half of one."""
+        path = self.failure_path(run.key)
+        text = (
+            f"error: {error}\n"
+            f"run: {run.label}\nkey: {run.key}\n"
+            f"host: {io.HOST}\npid: {os.getpid()}\nattempt: {attempt}\n"
+            f"at: {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
+            f"spec: {json.dumps(run.spec(), sort_keys=True, default=list)}\n\n{details}"
+        )
+        # Named like a result's temporary, so clean() removes it if its writer dies mid-write.
+        tmp = path.with_name(f"{path.name}.tmp-{io.owner_tag()}{secrets.token_hex(4)}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
+
+    def read_failure(self, key: str) -> dict | None:
+        """The header fields of ``.<key>.failed`` (error, run, host, attempt, ...), or None."""
+        try:
+            text = self.failure_path(key).read_text()
+        except FileNotFoundError:
+            return None
+        header = text.split("\n\n", 1)[0]
+        return dict(line.split(": ", 1) for line in header.splitlines() if ": " in line)
+
+    def clear_failure(self, key: str) -> None:
+        self.failure_path(key).unlink(missing_ok=True)
+
     def clean(self) -> list[Path]:
         """Remove what provably dead processes left: their temporaries and claims. A live
         process's temporaries and anything this store did not name are left alone."""
@@ -356,35 +397,139 @@ def execute(run: Run, root: Path, device: str = "cpu") -> dict:
     return summary
 
 
-def _worker(run: Run, store: Store, device: str) -> dict | None:
+class RunFailed(Exception):
+    """A run raised; its error, traceback and output are in the store's ``.<key>.failed``.
+    Carries only strings, so it crosses any executor's pickling."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(key, message)
+        self.key, self.message = key, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Tee(TextIOBase):
+    """Writes to a stream and keeps a copy: the run's output still shows where the worker's
+    output goes (terminal, Ray or Slurm log) and is kept for its failure record."""
+
+    def __init__(self, stream, copy: StringIO):
+        self.stream, self.copy = stream, copy
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        if self.stream is not None:
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+
+LOG_KEEP = 100_000  # characters of a failed run's output kept in its record (the end)
+
+
+def one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _worker(run: Run, store: Store, device: str, attempt: str = "") -> dict | None:
     """Claim, train and commit ``run`` at RUN_THREADS threads; None if another live process
-    holds its claim. A run found finished once claimed is not trained again."""
+    holds its claim. A run found finished once claimed is not trained again. If the run raises,
+    its failure record is written while the claim is still held and :class:`RunFailed` raised;
+    ``attempt`` names this try in the record, so the scheduler can tell it was written."""
     claim = store.try_claim(run.key)
     if claim is None:
         return None
     with store.holding(claim, run.key):
         if store.done(run):
+            store.clear_failure(run.key)
             return {}
         threads = torch.get_num_threads()
         torch.set_num_threads(RUN_THREADS)
+        log = StringIO()
         try:
-            return execute(run, Path(store.root), device)
+            with redirect_stdout(_Tee(sys.stdout, log)), redirect_stderr(_Tee(sys.stderr, log)):
+                result = execute(run, Path(store.root), device)
+        except Exception as e:
+            details = f"traceback:\n{traceback.format_exc()}\noutput:\n{log.getvalue()[-LOG_KEEP:]}"
+            store.record_failure(run, one_line(e), details, attempt)
+            raise RunFailed(run.key, one_line(e)) from None
         finally:
             torch.set_num_threads(threads)
+        store.clear_failure(run.key)
+        return result
 
 
-def run_all(
-    runs: list[Run], store: Store, jobs: int = 1, device: str = "cpu", poll: float = 0.5
-) -> int:
-    """Run every unfinished run (and the base runs they need); returns how many this process
-    trained. A tuning run starts once its base is finished, here or elsewhere; up to ``jobs``
-    processes train at once. Runs claimed by other live processes are waited for, not redone.
+@dataclass
+class Failure:
+    """A run that failed every attempt (``record``: its ``.<key>.failed``), or that was never
+    started because its base failed (``record`` None, ``error`` names the base)."""
+
+    run: Run
+    error: str
+    record: Path | None
+    attempts: int = 0
+
+
+@dataclass
+class Outcome:
+    """What :func:`run_sweep` did: runs this process trained, and the runs left unfinished."""
+
+    trained: int = 0
+    failed: list[Failure] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line per unfinished run: its label, key, error and where the details are."""
+        lines = []
+        for f in self.failed:
+            where = f"details: {f.record}" if f.record else "not started"
+            tries = f" after {f.attempts} attempts" if f.attempts > 1 else ""
+            lines.append(f"  {f.run.label} [{f.run.key}]{tries}: {f.error} ({where})")
+        return "\n".join(lines)
+
+
+class RunsFailed(RuntimeError):
+    """Some runs did not finish; ``outcome`` says which and why. Raised after every other run
+    was trained, so what finished is in the store."""
+
+    def __init__(self, outcome: Outcome, store: Store):
+        self.outcome = outcome
+        n = len(outcome.failed)
+        super().__init__(
+            f"{n} run{'s' * (n != 1)} did not finish (errors and logs in "
+            f"{Path(store.root)}/.<key>.failed); fix the cause and rerun to train only what is "
+            "missing, or pass --retries N for transient failures"
+        )
+
+
+def run_sweep(
+    runs: list[Run],
+    store: Store,
+    jobs: int = 1,
+    device: str = "cpu",
+    poll: float = 0.5,
+    executor=None,
+    retries: int = 0,
+) -> Outcome:
+    """Run every unfinished run (and the base runs they need) on ``executor`` (default: a
+    local pool of ``jobs`` processes). A tuning run is submitted once its base is finished,
+    here or elsewhere; at most ``executor.slots`` runs are in flight. Runs claimed by other
+    live processes are waited for, not redone. A failed run is retried up to ``retries`` times,
+    then reported with the runs that needed it as a base; every other run still trains.
     """
+    from analysis.executors import LocalExecutor
+
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}; pass --jobs 1 or more")
-    root = Path(store.root)
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}; pass --retries 0 or more")
+    root = Path(store.root).resolve()  # workers elsewhere must not read it against their cwd
     root.mkdir(parents=True, exist_ok=True)
     store.clean()
+    shared = Store(root, stale_after=store.stale_after)  # what is sent to the workers
     todo, seen = [], set()
 
     def add(run: Run):
@@ -396,47 +541,94 @@ def run_all(
 
     for run in runs:
         add(run)
-    ran = 0
+    outcome, attempts, done_count = Outcome(), {}, 0
     bar = tqdm(total=len(todo), desc="runs", disable=not todo)
-    pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) if jobs > 1 else None
-    running: dict = {}  # future -> run
+    own = executor is None
+    executor = LocalExecutor(jobs) if own else executor
+    running: dict = {}  # future -> (run, attempt token)
+
+    def show(starting: int = 0):  # starting: a run being submitted (trained, in-process)
+        n_running = len(running) + starting
+        bar.set_postfix_str(
+            f"{done_count} done, {n_running} running, {len(outcome.failed)} failed, "
+            f"{len(todo) - n_running} remaining"
+        )
+
+    def give_up(run: Run, error: str, record: Path | None):
+        todo.remove(run)
+        outcome.failed.append(Failure(run, error, record, attempts.get(run.key, 0)))
+        in_flight = [r for r, _ in running.values()]
+        for other in list(todo):  # runs that need it as a base cannot start
+            if other.base is not None and other.base.key == run.key and other not in in_flight:
+                give_up(other, f"its base {run.label} [{run.key}] failed", None)
+
     try:
-        while todo or running:
-            finished = [r for r in todo if store.done(r) and r not in running.values()]
+        while todo:
+            in_flight = [r for r, _ in running.values()]
+            finished = [r for r in todo if store.done(r) and r not in in_flight]
             todo = [r for r in todo if r not in finished]
+            done_count += len(finished)
             bar.update(len(finished))  # by another process
             ready = [
                 r
                 for r in todo
                 if (r.base is None or store.done(r.base))
-                and r not in running.values()
+                and r not in in_flight
                 and not store.claimed_elsewhere(r.key)
             ]
-            progressed = False
-            for run in ready[: jobs - len(running)]:
-                bar.set_postfix_str(run.label)
-                if pool is None:
-                    result = _worker(run, store, device)
-                    if result is not None:
-                        ran += bool(result)
-                        todo.remove(run)
-                        bar.update()
-                        progressed = True
-                else:
-                    running[pool.submit(_worker, run, store, device)] = run
-            if running:
-                done, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
-                for future in done:
-                    run = running.pop(future)
+            for run in ready[: max(0, executor.slots - len(running))]:
+                attempt = secrets.token_hex(8)
+                show(starting=1)
+                running[executor.submit(run, shared, device, attempt)] = (run, attempt)
+            show()
+            if not running:
+                if todo:
+                    time.sleep(poll)  # waiting for runs (or bases) that other processes hold
+                continue
+            finished_futures, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
+            for future in finished_futures:
+                run, attempt = running.pop(future)
+                try:
                     result = future.result()
-                    if result is not None:
-                        ran += bool(result)
-                        todo.remove(run)
-                        bar.update()
-            elif todo and not progressed:
-                time.sleep(poll)  # waiting for runs (or bases) that other processes hold
+                except Exception as e:  # the run raised, or its worker died
+                    attempts[run.key] = attempts.get(run.key, 0) + 1
+                    record = store.read_failure(run.key)
+                    if record is None or record.get("attempt") != attempt:
+                        # No record from this attempt: the worker died before writing one.
+                        error = f"{executor.name} worker failed: {one_line(e)}"
+                        store.record_failure(run, error, f"executor error:\n{e}\n", attempt)
+                    else:
+                        error = record["error"]
+                    if attempts[run.key] > retries:
+                        give_up(run, error, store.failure_path(run.key))
+                    continue
+                if result is not None:  # None: another process claimed it first; wait
+                    outcome.trained += bool(result)
+                    todo.remove(run)
+                    done_count += 1
+                    bar.update()
+        show()
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        for future in running:
+            future.cancel()
+        if own:
+            executor.close()
         bar.close()
-    return ran
+    return outcome
+
+
+def run_all(
+    runs: list[Run],
+    store: Store,
+    jobs: int = 1,
+    device: str = "cpu",
+    poll: float = 0.5,
+    executor=None,
+    retries: int = 0,
+) -> int:
+    """:func:`run_sweep`, returning how many runs this process trained; raises
+    :class:`RunsFailed` (after training every run it could) if any run did not finish."""
+    outcome = run_sweep(runs, store, jobs, device, poll, executor, retries)
+    if outcome.failed:
+        raise RunsFailed(outcome, store)
+    return outcome.trained

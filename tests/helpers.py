@@ -1,4 +1,7 @@
-"""Inputs shared by the model and probe tests: random float64 prefixes and token batches."""
+"""Shared by the tests: random float64 prefixes and token batches; a run store's bytes."""
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -22,3 +25,24 @@ def random_prefix(model, P, scale=1.0, seed=1, batch=None) -> list[KVPrefix]:
 def tokens(batch=3, T=9, seed=2, vocab=11):
     """Seeded random token ids [batch, T]."""
     return torch.randint(0, vocab, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+def without_seconds(value):
+    """``value`` without its wall-clock fields: ``seconds`` at any depth (``history`` too)."""
+    if isinstance(value, dict):
+        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [without_seconds(v) for v in value]
+    return value
+
+
+def store_bytes(root: Path) -> dict[str, bytes]:
+    """Every file of every finished run, byte for byte; result.json without timings."""
+    out = {}
+    for path in sorted(root.glob("[!.]*/**/*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.name == "result.json":
+                data = json.dumps(without_seconds(json.loads(data)), sort_keys=True).encode()
+            out[str(path.relative_to(root))] = data
+    return out

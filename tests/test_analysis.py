@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import store_bytes, without_seconds
 
 from analysis import report, runs
 from analysis.experiments import EXPERIMENTS, ledger
@@ -139,20 +140,6 @@ def tiny_runs(steps=20) -> list[Run]:
     ]
 
 
-def store_bytes(root: Path) -> dict[str, bytes]:
-    """Every file of every finished run, byte for byte; result.json without its timing."""
-    out = {}
-    for path in sorted(root.glob("[!.]*/**/*")):
-        if path.is_file():
-            data = path.read_bytes()
-            if path.name == "result.json":
-                result = json.loads(data)
-                result.pop("seconds")
-                data = json.dumps(result, sort_keys=True).encode()
-            out[str(path.relative_to(root))] = data
-    return out
-
-
 def test_jobs_do_not_change_a_runs_bytes(tmp_path):
     runs_ = tiny_runs()
     assert run_all(runs_, Store(tmp_path / "j1"), jobs=1) == 3
@@ -238,9 +225,7 @@ def results(root: Path) -> dict[str, dict]:
     """Every finished run's result.json, minus wall-clock time."""
     out = {}
     for path in sorted(root.glob("*/result.json")):
-        result = json.loads(path.read_text())
-        result.pop("seconds")
-        out[path.parent.name] = result
+        out[path.parent.name] = without_seconds(json.loads(path.read_text()))
     return out
 
 

@@ -72,7 +72,7 @@ def tuned(p: Profile, base: Run, method: str, task: str) -> Run:
         method=method,
         base=base,
         seed=base.seed,
-        steps=p.pick(20, 800, 30000),
+        steps=p.pick(20, 800, 30000, 2000),
         lr=p.pick(None, None, 5e-5),
         options=(("length", LENGTH),),
         eval_tasks=TASKS,

@@ -88,7 +88,12 @@ PAPER = {
     "lora": ("12,288", "92.38", "10,000"),
     "full": ("-", "-", "-"),
 }
-STEPS = {"prefix": (20, 1500, 100000), "lora": (20, 3000, 10000), "full": (20, 1000, 10000)}
+# (smoke, quick, paper, full) steps per method.
+STEPS = {
+    "prefix": (20, 1500, 100000, 4000),
+    "lora": (20, 3000, 10000, 6000),
+    "full": (20, 1000, 10000, 1000),
+}
 
 
 def tuned(p: Profile, base: Run, method: str) -> Run:
