@@ -86,6 +86,9 @@ def trials(p: Profile = QUICK) -> list[Trial]:
     every = {"rank": 1, "targets": ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")}
     run = variant(lora, lr=3e-2, steps=lora.steps // 2, options=every)
     out.append(Trial(group, "rank 1 on all six matrices, lr 3e-2", run))
+    if not any(t.chosen for t in out if t.group == group):  # smoke: the toy model's rank 1
+        label = f"rank {paper04.lora_rank(p)}, lr {lora.effective_lr:g}"
+        out.append(Trial(group, label, lora, chosen=True))
 
     group = "LoRA, sort_asc base -> reverse"
     for seed in (0, 2):

@@ -188,7 +188,7 @@ def test_saves_follow_the_umask(tmp_path):
         try:
             saved = [
                 model.save(tmp_path / f"m{mask:o}"),
-                model.save(tmp_path / f"m{mask:o}"),  # over an existing directory
+                model.save(tmp_path / f"m{mask:o}", overwrite=True),  # over an existing one
                 make_adapter("prefix", model).save(tmp_path / f"a{mask:o}", model),
             ]
         finally:

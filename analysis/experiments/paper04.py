@@ -134,7 +134,10 @@ def report(store: Store, p: Profile, out: Path) -> Section:
     bases = paper03.base_runs(p)
     by = {m: [tuned(p, b, m) for b in bases] for m in METHODS}
     acc = {m: [accuracy(store, r) for r in rs] for m, rs in by.items()}
-    curves = {m: curve_note(store, rs) for m, rs in by.items()}
+    curves = {
+        m: curve_note(store, rs, target=BARS.get(m) if m == "lora" else None)
+        for m, rs in by.items()
+    }
     n = {m: store.result(rs[0])["n_params"] for m, rs in by.items()}
     share = {m: n[m] / store.result(rs[0])["base_params"] for m, rs in by.items()}
     label = dict(LABEL)
