@@ -11,8 +11,8 @@ The prefix here is the key/value prefix (``prefix``): every virtual-token prefix
 can do at least as much, and a task it cannot learn the paper's prefix cannot learn either. The
 paper's virtual tokens replaced 10 padding tokens that its base had been pretrained with (an
 attention sink the prefix inherits) and trained for 500,000 iterations on the two new tasks;
-our bases see no padding, and a virtual-token prefix on the composition stays near 1% at the
-budgets we can afford (figures/recipes.md).
+our bases see no padding, and a virtual-token prefix on the composition reached 4% in 1,000
+steps where the K/V prefix reached 85% (seed 0, figures/recipes.md).
 """
 
 from __future__ import annotations
