@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probe import io
-from probe.adapters import DEFAULT_LR, load_adapter, tune
+from probe.adapters import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, load_adapter, tune
 from probe.model import Transformer, preset
 from probe.train import TrainConfig, evaluate, pretrain
 from tasks import get_task
@@ -49,6 +49,7 @@ from tasks import get_task
 # Intra-op threads of every run, part of its key: float reductions split over another number of
 # threads round differently, so the thread count must not follow --jobs or the core count.
 RUN_THREADS = 1
+LEGACY_WEIGHT_DECAY = 0.1  # TrainConfig's default; pretraining and full fine-tuning use it
 HEARTBEAT_S = 20.0  # how often a worker refreshes the claims it holds
 STALE_AFTER_S = 300.0  # a claim not refreshed for this long belongs to a dead process or host
 
@@ -78,6 +79,7 @@ class Run:
     # The learning curve scores outputs after the first k: 1 for a mix4 base, whose exact match
     # without a task token is capped near 25-30% and so says little about the skills it holds.
     eval_given: int = 0
+    weight_decay: float | None = None  # None -> DEFAULT_WEIGHT_DECAY[method] (0.1 to pretrain)
 
     def __post_init__(self):
         if (self.method is None) != (self.base is None):
@@ -93,11 +95,22 @@ class Run:
         d["base"] = self.base.key if self.base else None
         d["lr"] = self.effective_lr
         d["threads"] = RUN_THREADS
+        # Every run used 0.1 before weight decay became a field; leaving that value out keeps
+        # the keys of those runs, so stores written then still hit.
+        d["weight_decay"] = self.effective_weight_decay
+        if d["weight_decay"] == LEGACY_WEIGHT_DECAY:
+            del d["weight_decay"]
         return d
 
     @property
     def effective_lr(self) -> float:
         return self.lr or (DEFAULT_LR[self.method] if self.method else 3e-3)
+
+    @property
+    def effective_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return DEFAULT_WEIGHT_DECAY[self.method] if self.method else LEGACY_WEIGHT_DECAY
 
     @property
     def key(self) -> str:
@@ -113,6 +126,7 @@ class Run:
         return TrainConfig(
             steps=self.steps,
             lr=self.effective_lr,
+            weight_decay=self.effective_weight_decay,
             batch_size=self.batch_size,
             warmup=min(self.warmup, self.steps),
             seed=self.seed,

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from probe.adapters import DEFAULT_LR, make_adapter, tune
+from probe.adapters import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, make_adapter, tune
 from probe.cli import build_parser, train_config  # time_to_accuracy uses the CLI's own defaults
 from probe.model import Transformer, preset
 from probe.train import FUSED_ADAMW, TrainConfig, evaluate, output_logits, pretrain
@@ -209,9 +209,10 @@ def time_evaluation(name: str, bench: BenchConfig) -> dict:
 def time_to_accuracy(bench: BenchConfig) -> dict:
     """The paper's experiment 01 with ``probe pretrain`` / ``probe tune`` defaults, timed."""
 
-    def cli_config(*argv: str, lr: float | None = None) -> TrainConfig:
+    def cli_config(*argv: str, lr: float | None = None, weight_decay: float = 0.1) -> TrainConfig:
         args = build_parser().parse_args([*argv, "--out", "-", "--no-progress"])
-        return replace(train_config(args, lr), device=bench.device, seed=bench.seed)
+        cfg = train_config(args, lr, weight_decay)
+        return replace(cfg, device=bench.device, seed=bench.seed)
 
     runs = {}
     start = time.perf_counter()
@@ -221,8 +222,8 @@ def time_to_accuracy(bench: BenchConfig) -> dict:
     result = pretrain(get_task(PRETRAIN_TASK), model, pre_cfg)
     runs["pretrain"] = result
     for method in ("full", "prefix"):
-        cfg = cli_config("tune", "--base", "-", "--task", TUNE_TASK, "--method", method,
-                         lr=DEFAULT_LR[method])  # fmt: skip
+        argv = ("tune", "--base", "-", "--task", TUNE_TASK, "--method", method)
+        cfg = cli_config(*argv, lr=DEFAULT_LR[method], weight_decay=DEFAULT_WEIGHT_DECAY[method])
         runs[method] = tune(model, get_task(TUNE_TASK), method, cfg)[1]
     total = time.perf_counter() - start
     return {

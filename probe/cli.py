@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
+from probe.adapters import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, METHODS, Tuned, load_adapter, tune
 from probe.hf import MissingExtraError
 from probe.io import check_target
 from probe.model import PRESETS, ModelConfig, Transformer, preset
@@ -90,6 +90,13 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
     p.add_argument(
         "--batch-size", type=positive_int, default=batch_size, help="default %(default)s"
     )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="AdamW's decoupled weight decay on matrices (default: 0.1 to pretrain; the "
+        "method's to tune, see probe.adapters.DEFAULT_WEIGHT_DECAY)",
+    )
     p.add_argument("--seed", type=int, default=0, help="data, dropout and init seed")
     p.add_argument(
         "--target-accuracy",
@@ -114,10 +121,11 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
     )
 
 
-def train_config(args, lr: float | None = None) -> TrainConfig:
+def train_config(args, lr: float | None = None, weight_decay: float = 0.1) -> TrainConfig:
     return TrainConfig(
         steps=args.steps,
         lr=args.lr if args.lr is not None else lr,
+        weight_decay=args.weight_decay if args.weight_decay is not None else weight_decay,
         batch_size=args.batch_size,
         seed=args.seed,
         target_accuracy=args.target_accuracy,
@@ -232,7 +240,7 @@ def cmd_tune(args) -> int:
         hparams["targets"] = args.targets.split(",")
     if args.init:
         hparams["init"] = args.init
-    cfg = train_config(args, DEFAULT_LR[args.method])
+    cfg = train_config(args, DEFAULT_LR[args.method], DEFAULT_WEIGHT_DECAY[args.method])
     adapter, result = tune(base, task, args.method, cfg, **hparams)
     adapter.save(args.out, base, args.overwrite)
     print(

@@ -61,6 +61,7 @@ CHANGES = {
     "eval_tasks": ("sort_asc",),
     "warmup": 10,
     "eval_given": 1,
+    "weight_decay": 0.01,
 }
 
 
@@ -89,6 +90,30 @@ def test_run_key_follows_the_default_learning_rate(monkeypatch):
     monkeypatch.setitem(runs.DEFAULT_LR, "prefix", runs.DEFAULT_LR["prefix"] / 2)
     assert tuned.key != before
     assert tuned.key == variant(tuned, lr=runs.DEFAULT_LR["prefix"]).key
+
+
+def test_run_key_follows_the_default_weight_decay(monkeypatch):
+    tuned = Run("reverse", preset="tiny", method="prefix", base=tiny_base(), steps=20)
+    before = tuned.key
+    monkeypatch.setitem(runs.DEFAULT_WEIGHT_DECAY, "prefix", 0.05)
+    assert tuned.key != before
+    assert tuned.key == variant(tuned, weight_decay=0.05).key
+
+
+def test_run_keys_from_before_weight_decay_was_a_field_still_hit():
+    # Every run trained with 0.1 before the field existed; such runs keep their old keys (a
+    # quick-profile base, as written into stores then), so old stores are not retrained.
+    from analysis.experiments import paper03
+    from analysis.report import PROFILES
+
+    old_base = paper03.base_runs(PROFILES["quick"])[0]
+    assert old_base.key == "44e9ec3eb78947bd"
+    assert "weight_decay" not in old_base.spec()
+    tuned = Run("reverse", preset="tiny", method="prefix", base=tiny_base(), steps=20)
+    assert tuned.spec()["weight_decay"] == 0.0
+    assert variant(tuned, weight_decay=0.1).spec().get("weight_decay") is None
+    assert variant(tuned, weight_decay=0.1).train_config("cpu").weight_decay == 0.1
+    assert tuned.train_config("cpu").weight_decay == 0.0
 
 
 def test_every_field_is_covered():
