@@ -1,10 +1,13 @@
 """Tuning methods as adapters: counts, save/load, switching, freezing, exact conversions."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from probe import io
 from probe.adapters import (
@@ -104,6 +107,53 @@ def test_save_load_gives_identical_logits(method, tmp_path):
     adapter.save(tmp_path / method, base)
     loaded = load_adapter(tmp_path / method, base)
     torch.testing.assert_close(loaded(base, tokens()), adapter(base, tokens()), rtol=0, atol=0)
+
+
+# adapter_config.json as the first saved format wrote it: the constructor's keyword arguments
+# under "hparams" (a prefix's MLP already folded), beside the usual provenance fields.
+OLD_HPARAMS = {
+    "prefix": {"length": 3, "reparam_hidden": 0, "init_scale": 1.0},
+    "vt-prefix": {"length": 3},
+    "prompt": {"length": 3, "init": "random"},
+    "lora": {"rank": 2, "targets": OPTIONS["lora"]["targets"], "alpha": 2.0},
+    "full": {},
+    "prefix+lora": {"length": 3, "rank": 2, "targets": ["W_Q", "W_V"], "alpha": 2.0},
+}
+
+
+def write_old_adapter_dir(path, method, base, tensors):
+    """An adapter directory exactly as the first saved format laid it out, written by hand."""
+    path.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "adapter.safetensors")
+    meta = {
+        "format": "prefix-probe-adapter/1",
+        "method": method,
+        "hparams": OLD_HPARAMS[method],
+        "base_fingerprint": base.fingerprint(),
+        "base_config": base.cfg.to_dict(),
+        "n_params": sum(t.numel() for t in tensors.values()),
+        "environment": {"threads": 1, "device": "cpu", "torch": torch.__version__},
+        "checksum": io.fingerprint(tensors),
+    }
+    (path / "adapter_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_adapter_directories_in_the_first_format_still_load(method, tmp_path):
+    base = make_base()
+    adapter = make(method, base)
+    tensors = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+    write_old_adapter_dir(tmp_path / "old", method, base, tensors)
+    loaded = load_adapter(tmp_path / "old", base)
+    assert loaded.method == method
+    torch.testing.assert_close(loaded(base, tokens()), adapter(base, tokens()), rtol=0, atol=0)
+    if method in ("lora", "prefix+lora"):
+        lora = loaded if method == "lora" else loaded.lora
+        assert (lora.rank, tuple(lora.targets), lora.alpha) == (
+            2,
+            tuple(OLD_HPARAMS[method]["targets"]),
+            2.0,
+        )
 
 
 def test_loading_onto_another_base_or_a_corrupt_file_fails_and_changes_nothing(tmp_path):

@@ -4,6 +4,7 @@ smoke profile of the experiments end to end."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -45,6 +46,53 @@ def test_run_key_is_stable_across_processes():
     )
     assert out.stdout.strip() == run.key
     assert run.key == Run(**{f.name: getattr(run, f.name) for f in dataclasses.fields(run)}).key
+
+
+# The keys the quick profile's experiments had when this test was written (every run and the
+# base runs they need, as the store names their directories). Existing stores must keep hitting
+# their cached results: a change here means a change to Run.spec(), which orphans every store.
+QUICK_KEYS = {
+    "paper01": "a89925c7be79c855",
+    "paper02": "22e3c54f9a8d4281",
+    "paper03": "0c3e928df152a485",
+    "paper04": "e246257a818a0832",
+    "study": "020e259bda82cddb",
+    "theorem": "c73f99ca48c3a50a",
+    "sweeps": "649ff0650970c483",
+    "ledger": "0cb9c27015f3cfe1",
+}
+
+
+def _with_bases(experiment_runs: list[Run]) -> dict[str, Run]:
+    out = {}
+    for run in experiment_runs:
+        while run is not None:
+            out[run.key] = run
+            run = run.base
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(QUICK_KEYS))
+def test_quick_profile_run_keys_are_pinned(name):
+    keys = sorted(_with_bases(EXPERIMENTS[name].runs(PROFILES["quick"])))
+    digest = hashlib.sha256(" ".join(keys).encode()).hexdigest()[:16]
+    assert digest == QUICK_KEYS[name], f"{name}: run keys changed; stores would be retrained"
+
+
+def test_known_run_keys_are_pinned():
+    """Three keys written out: a base, a LoRA run on it, a prefix + LoRA run (options as given)."""
+    from analysis.experiments import paper01, study
+
+    quick = PROFILES["quick"]
+    base = paper01.base_runs(quick)[0]
+    lora = study.method_runs(quick, study.MAIN, "lora")[0]
+    hybrid = study.method_runs(quick, study.MAIN, "prefix+lora")[1]
+    assert (base.key, lora.key, hybrid.key) == (
+        "6c752ce7f2f49942",
+        "93458a02d5234b2d",
+        "4a9a76be41a26fbe",
+    )
+    assert len(_with_bases([r for e in EXPERIMENTS.values() for r in e.runs(quick)])) == 152
 
 
 CHANGES = {
