@@ -396,10 +396,14 @@ def vt_to_prefix(base: Transformer, vectors: Float[Tensor, "layer P d_model"]) -
     Returns one KVPrefix per layer, keys/values [P, head, d_head]. No dropout on this path, so
     it is exact in either mode (and differentiable: the vt-prefix adapter trains through it).
     """
-    return [
-        KVPrefix(*block.attn.keys_values(block.ln1(v)))
-        for block, v in zip(base.blocks, vectors, strict=True)
-    ]
+    prefix = []
+    for block, v in zip(base.blocks, vectors, strict=True):
+        x = block.ln1(v)
+        # Keys and values projected one at a time, as this adapter has always trained: one
+        # fused [K; V] matmul gives the same forward but rounds the gradient differently.
+        (keys,), (values,) = block.attn.project(x, "k"), block.attn.project(x, "v")
+        prefix.append(KVPrefix(keys, values))
+    return prefix
 
 
 class Tuned(nn.Module):

@@ -1133,7 +1133,7 @@ def _check_hf(
     verify,
     chunk=None,
 ) -> HFCheck:
-    from probe.probes import TheoremCheck
+    from probe.probes import TheoremCheck, identities_expected
 
     pieces = list(tokens) if not isinstance(tokens, Tensor) else None
     first = pieces[0] if pieces else tokens
@@ -1169,7 +1169,6 @@ def _check_hf(
         _run(s, t, offset, rows, on_record)
     with _small_linalg():
         merged = [acc.result(i) for i, acc in enumerate(accs)]
-    expected = [s.P > 0 and f for f in s.frozen]
     result = TheoremCheck(
         decompositions=[m[0] for m in merged],
         local=[m[1] for m in merged],
@@ -1177,7 +1176,7 @@ def _check_hf(
         subspaces=[m[3] for m in merged],
         pattern_tol=[a.p_tol for a in accs],
         z_tol=[a.z_tol for a in accs],
-        expected=expected,
+        expected=identities_expected([s.P] * n_layers, s.frozen),
     )
     return HFCheck(result, s.what, kept, list(s.frozen), _positions(s, offset, first.shape[1]))
 

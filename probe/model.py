@@ -189,11 +189,13 @@ class Attention(nn.Module):
         for name in ("q", "k", "v", "prefix_k", "prefix_v", "attn_scores", "pattern", "z"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def keys_values(
-        self, x: Float[Tensor, "... pos d_model"]
-    ) -> tuple[Float[Tensor, "... pos head d_head"], Float[Tensor, "... pos head d_head"]]:
-        """This head's keys and values of (already normalised) residual vectors ``x``."""
-        return _project(x, self.W_K, self.b_K), _project(x, self.W_V, self.b_V)
+    def project(self, x: Float[Tensor, "... pos d_model"], parts: str = "qkv") -> list[Tensor]:
+        """Queries, keys and/or values of (already normalised) residual vectors ``x``, one
+        [..., pos, head, d_head] tensor per letter of ``parts`` ("qkv", "kv", "k", ...), computed
+        in one matmul over the chosen weights (TransformerLens layout [head, d_model, d_head])."""
+        W = [getattr(self, f"W_{p.upper()}") for p in parts]
+        b = [getattr(self, f"b_{p.upper()}") for p in parts]
+        return list(_project(x, torch.cat(W), torch.cat(b)).chunk(len(parts), dim=-2))
 
     def forward(
         self,
@@ -203,9 +205,7 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch query d_model"]:
         """Attention output at the ``queries`` positions of ``x`` (default: all of them)."""
         batch, T, _ = x.shape
-        # Queries, keys and values in one matmul: heads [Q..., K..., V...].
-        W = torch.cat([self.W_Q, self.W_K, self.W_V])
-        q, k, v = _project(x, W, torch.cat([self.b_Q, self.b_K, self.b_V])).chunk(3, dim=-2)
+        q, k, v = self.project(x)
         q, k, v = self.hook_q(q[:, queries]), self.hook_k(k), self.hook_v(v)
         P = 0
         if prefix is not None:

@@ -369,6 +369,7 @@ def test_check_hf_confirms_the_theorem(base, tokens, prefix_model, prompt_model,
     assert all(int(s.rank.max()) <= P for s in result.subspaces)
     assert any(int(s.change_rank.max()) > P for s in result.subspaces)  # the rank bound is real
     assert len(result.rows()) == L * H
+    assert probes.check_tuned(base, adapter, tokens).rows() == result.rows()  # the one entry
 
 
 def test_lora_on_q_k_is_detected_as_a_violation(base, tokens, prefix_model, arch):

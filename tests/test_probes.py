@@ -5,6 +5,7 @@ it does not (changed W_Q/W_K): a probe that cannot fail is worthless.
 """
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from probe import probes
+from probe.adapters import make_adapter, prompt_to_prefix, vt_to_prefix
 from probe.cli import main
 from probe.model import KVPrefix, ModelConfig, Transformer
 
@@ -259,6 +261,65 @@ def test_prefix_plus_weight_change_is_not_a_prefix():
     assert probes.frozen_head_layers(model, dict(perturbed(model, ("W_O",)).named_parameters()))
 
 
+# ---------------------------------------------------------------------------- check_tuned
+
+
+def test_check_tuned_is_the_hand_assembled_check():
+    """check_tuned(base, tuned, tokens) equals records -> frozen layers -> check_theorem done by
+    hand, for a raw prefix, a fine-tuned copy and every adapter; the identities are demanded
+    exactly where a prefix meets a frozen head."""
+    model, x = random_model(), tokens()
+    prefix = random_prefix(model, 2)
+    tuned, base = records(model, x, prefix=prefix)
+    by_hand = probes.check_theorem(tuned, base)
+    assert probes.check_tuned(model, prefix, x).rows() == by_hand.rows()
+    copy_q = perturbed(model, ("W_Q",))
+    tuned, base = records(model, x, tuned=copy_q)
+    by_hand = probes.check_theorem(tuned, base, expected=[False, False])
+    assert probes.check_tuned(model, copy_q, x).rows() == by_hand.rows()
+
+    expected = {
+        "prefix": [True, True],
+        "vt-prefix": [True, True],
+        "prompt": [True, True],
+        "lora": [False, False],  # W_Q, W_V changed: no prefix and no frozen head
+        "full": [False, False],
+        "prefix+lora": [False, False],  # a prefix, but W_Q changed
+    }
+    for method, want in expected.items():
+        torch.manual_seed(0)
+        adapter = make_adapter(method, model).double()
+        with torch.no_grad():  # LoRA's B starts at zero: move every tensor
+            for p in adapter.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        check = probes.check_tuned(model, adapter, x)
+        assert check.expected == want, method
+        assert check.ok, (method, check.failures())
+        if method == "prefix+lora":  # demanded anyway, the identities fail: the check can fail
+            forced = dataclasses.replace(check, expected=[True, True])
+            assert not forced.ok
+
+
+def test_a_nan_error_fails_in_the_table_and_the_exit_status(saved_base, capsys, monkeypatch):
+    """One pass rule: a NaN identity error prints FAIL (not ok) and exits 1."""
+    _, path = saved_base
+    real = probes.decompose
+
+    def nan_at_layer_0(record):
+        d = real(record)
+        if record.layer == 0:
+            d.z_error = torch.full_like(d.z_error, float("nan"))
+        return d
+
+    monkeypatch.setattr(probes, "decompose", nan_at_layer_0)
+    assert main(["check-theorem", "--base", str(path), "--n", "8"]) == 1
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:5].strip().isdigit()]
+    assert [r[8] for r in rows if r[0] == "0"] == ["FAIL", "FAIL"]
+    assert [r[8] for r in rows if r[0] == "1"] == ["ok", "ok"]
+    assert "identity failed: layer 0 head 0: z error nan" in out
+
+
 # ---------------------------------------------------------------------------- bias subspace
 
 
@@ -301,12 +362,11 @@ def test_bias_subspace_prefix_vs_full_fine_tuning():
 def test_prompt_records_equal_converted_prefix_records():
     """A soft-prompt run, sliced with prompt_len, gives the records of the exact per-layer
     prefix (adapters.prompt_to_prefix), and the identities hold."""
-    adapters = pytest.importorskip("probe.adapters")
     model = random_model(n_layers=3)
     prompt = torch.randn(3, model.cfg.d_model, dtype=torch.float64)
     x = tokens()
     from_prompt, base = records(model, x, prompt=prompt)
-    from_prefix, _ = records(model, x, prefix=adapters.prompt_to_prefix(model, prompt))
+    from_prefix, _ = records(model, x, prefix=prompt_to_prefix(model, prompt))
     for a, b in zip(from_prompt, from_prefix, strict=True):
         for name in ("q", "k", "v", "prefix_k", "prefix_v", "pattern", "z", "q_frozen"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-12)
@@ -315,10 +375,9 @@ def test_prompt_records_equal_converted_prefix_records():
 
 
 def test_virtual_token_prefix():
-    adapters = pytest.importorskip("probe.adapters")
     model = random_model()
     vectors = torch.randn(2, 3, model.cfg.d_model, dtype=torch.float64)
-    tuned, base = records(model, tokens(), prefix=adapters.vt_to_prefix(model, vectors))
+    tuned, base = records(model, tokens(), prefix=vt_to_prefix(model, vectors))
     assert probes.check_theorem(tuned, base).ok
 
 
@@ -356,9 +415,8 @@ def test_cli_random_prefix_and_fine_tuned_model(saved_base, tmp_path, capsys):
 
 
 def test_cli_prefix_adapter_and_a_failing_identity(saved_base, tmp_path, capsys, monkeypatch):
-    adapters = pytest.importorskip("probe.adapters")
     model, path = saved_base
-    adapter = adapters.make_adapter("prefix", model, length=2).save(tmp_path / "a", model)
+    adapter = make_adapter("prefix", model, length=2).save(tmp_path / "a", model)
     argv = ["check-theorem", "--base", str(path), "--adapter", str(adapter), "--n", "8"]
     assert main(argv) == 0
     assert "prefix adapter" in capsys.readouterr().out

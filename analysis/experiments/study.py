@@ -33,8 +33,7 @@ from analysis.report import (
 )
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
-from probe.adapters import Tuned
-from probe.probes import TheoremCheck, check_theorem, frozen_head_layers, records_from_cache
+from probe.probes import TheoremCheck, check_tuned
 from tasks import get_task, test_set
 
 METHODS = ("full", "lora", "prefix", "vt-prefix", "prompt", "prefix+lora")
@@ -126,30 +125,14 @@ def probe_tokens(task: str, n: int = 64) -> torch.Tensor:
     return test_set(get_task(task), n).tokens[:, :-1]
 
 
-@torch.no_grad()
 def probe_run(
     store: Store, run: Run, tokens: torch.Tensor, dtype: torch.dtype = torch.float64
 ) -> TheoremCheck:
     """The theorem check of a finished tuning run on ``tokens``, in ``dtype`` (float64 copies of
     the base model and adapter): decomposition errors, local and downstream drift per layer."""
-    base = store.model(run).eval()
-    adapter = store.adapter(run, base)
-    base, adapter = base.to(dtype), adapter.to(dtype)
-    tuned = Tuned(base).add("a", adapter)
-    _, cache = tuned.run_with_cache(tokens)
-    _, base_cache = base.run_with_cache(tokens)
-    weights = adapter.weights(base)
-    W_O = [weights.get(f"blocks.{i}.attn.W_O", b.attn.W_O) for i, b in enumerate(base.blocks)]
-    prompt = adapter.prompt(base)
-    records = records_from_cache(
-        base, cache, W_O=W_O, prompt_len=0 if prompt is None else prompt.shape[-2]
-    )
-    frozen = frozen_head_layers(base, weights)
-    return check_theorem(
-        records,
-        records_from_cache(base, base_cache),
-        expected=[r.P > 0 and f for r, f in zip(records, frozen, strict=True)],
-    )
+    base = store.model(run)
+    adapter = store.adapter(run, base)  # checked against the base as saved, before the cast
+    return check_tuned(base.to(dtype), adapter, tokens)
 
 
 @torch.no_grad()
