@@ -17,11 +17,19 @@ from pathlib import Path
 
 import torch
 
-from probe.adapters import DEFAULT_LR, METHODS, Tuned, load_adapter, tune
+from probe.adapters import METHODS, Tuned, adapter_config, load_adapter
 from probe.hf import MissingExtraError
 from probe.io import check_target
 from probe.model import PRESETS, ModelConfig, Transformer, preset
-from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
+from probe.train import (
+    DEFAULT_LR,
+    TrainConfig,
+    TrainingDiverged,
+    check_fits,
+    evaluate,
+    pretrain,
+    tune,
+)
 from tasks import get_task, list_tasks, task_source
 from tasks.sources import import_source
 
@@ -85,7 +93,7 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
         default=lr,
         help="peak learning rate (default %(default)s)"
         if lr
-        else "peak learning rate (default: the method's, see probe.adapters.DEFAULT_LR)",
+        else "peak learning rate (default: the method's, see probe.train.DEFAULT_LR)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=batch_size, help="default %(default)s"
@@ -206,7 +214,7 @@ def cmd_pretrain(args) -> int:
     model = Transformer(model_config(args.preset, args.config, args.set))
     result = pretrain(task, model, train_config(args))
     model.save(args.out, args.overwrite)
-    n = sum(p.numel() for p in model.parameters())
+    n = model.n_params
     changes = [*([args.config] if args.config else []), *args.set]
     shape = f" ({' '.join(changes)})" if changes else ""
     print(
@@ -227,13 +235,14 @@ def cmd_tune(args) -> int:
     check_target(args.out, args.overwrite)  # before training, not after
     base = Transformer.load(args.base, args.device)
     task = get_task(args.task)
-    hparams = {k: v for k, v in (("length", args.length), ("rank", args.rank)) if v is not None}
+    options = {k: v for k, v in (("length", args.length), ("rank", args.rank)) if v is not None}
     if args.targets:
-        hparams["targets"] = args.targets.split(",")
+        options["targets"] = args.targets.split(",")
     if args.init:
-        hparams["init"] = args.init
+        options["init"] = args.init
+    config = adapter_config(args.method, **options)  # refuses options the method does not take
     cfg = train_config(args, DEFAULT_LR[args.method])
-    adapter, result = tune(base, task, args.method, cfg, **hparams)
+    adapter, result = tune(base, task, config, cfg)
     adapter.save(args.out, base, args.overwrite)
     print(
         f"tuned {args.method} ({adapter.n_params:,} parameters, {adapter.share(base):.2%} of the "

@@ -14,7 +14,8 @@ Readable in one sitting (after nanoGPT), with TransformerLens's hook names and w
 
 The one mechanism every tuning method reduces to is the per-layer prefix: P extra key/value
 positions per head, placed before the content keys. Prefix positions take no positional slot, so
-content positions stay 0..T-1 and content queries/keys are identical with and without a prefix.
+content positions stay 0..T-1 and layer 0's content queries, keys and values are identical with
+and without a prefix; from layer 1 on they differ, since the prefix changed the layers below.
 
 Modes: a model is built and loaded in eval mode (no dropout), ready to be probed; the training
 loop (:func:`probe.train.train`) puts what it trains in training mode while it steps and back in
@@ -437,13 +438,19 @@ class Transformer(HookedRootModule):
     def device(self) -> torch.device:
         return self.W_E.device
 
+    @property
+    def n_params(self) -> int:
+        """Number of weights (every parameter, trainable or not)."""
+        return sum(p.numel() for p in self.parameters())
+
     def fingerprint(self) -> str:
         """Short hash of the weights; adapters record it and refuse another base model."""
         return io.fingerprint(self.state_dict())
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write ``path/model.safetensors`` and ``path/config.json`` atomically; an existing
-        model or adapter at ``path`` is replaced only with ``overwrite`` (see ``io.save_dir``).
+        """Write ``path/model.safetensors`` and ``path/config.json`` with :func:`io.save_dir`
+        (never half-written); an existing model or adapter at ``path`` is replaced only with
+        ``overwrite``.
 
         config.json also records :func:`environment` (thread count, device, torch version):
         trained weights depend on them, so two saves can be compared knowingly.
@@ -488,7 +495,3 @@ def environment(device: torch.device | str) -> dict:
     the order of floating-point reductions, and so the weights, depends on it on CPU.
     """
     return {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__}
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

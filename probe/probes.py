@@ -188,16 +188,24 @@ def prefix_free_pattern(
     return s.softmax(-1)
 
 
-def relative_attention(
-    record: AttentionRecord,
-) -> tuple[Float[Tensor, "b h T T"], Bool[Tensor, "b h T"]]:
-    """The recorded pattern's content block renormalised to sum to 1 per query, and a mask of
-    the query rows where that is observable (content mass a normal float; when a prefix takes
-    all but e.g. 1e-320 of the attention, relative content attention is lost to underflow)."""
-    content = record.pattern[..., record.P :]
+def content_attention(
+    pattern: Float[Tensor, "... T PT"], P: int
+) -> tuple[Float[Tensor, "... T T"], Bool[Tensor, "... T"]]:
+    """A pattern's content block (columns after the P prefix columns) renormalised to sum to 1
+    per query, and a mask of the query rows where that is observable (content mass a normal
+    float; when a prefix takes all but e.g. 1e-320 of the attention, relative content attention
+    is lost to underflow, and such rows come back near 0 instead of NaN)."""
+    content = pattern[..., P:]
     mass = content.sum(-1)
     observable = mass > torch.finfo(mass.dtype).tiny
     return content / mass.clamp_min(torch.finfo(mass.dtype).tiny)[..., None], observable
+
+
+def relative_attention(
+    record: AttentionRecord,
+) -> tuple[Float[Tensor, "b h T T"], Bool[Tensor, "b h T"]]:
+    """:func:`content_attention` of a record's pattern: [b, h, T, T] and the observable rows."""
+    return content_attention(record.pattern, record.P)
 
 
 # ---------------------------------------------------------------------------- decomposition
@@ -637,7 +645,8 @@ def check_tuned(
 def frozen_head_layers(base: Transformer, weights: Mapping[str, Tensor]) -> list[bool]:
     """Per layer, whether the tuned weights (full names -> tensors, e.g. ``Adapter.weights`` or
     a fine-tuned model's state dict) leave the head's input side exactly as in ``base``:
-    ln1, W_Q, W_K, W_V and their biases. W_O and everything else may differ."""
+    ln1, W_Q, W_K, W_V and their biases. W_O and everything else may differ. (For HF models,
+    which are compared module by module: ``probe.hf.hf_frozen_head_layers``.)"""
     params = dict(base.named_parameters())
     frozen = []
     for layer in range(base.cfg.n_layers):

@@ -13,15 +13,17 @@ from probe import io
 from probe.adapters import (
     METHODS,
     LoRA,
+    LoRAConfig,
+    PrefixConfig,
     Tuned,
+    adapter_config,
     load_adapter,
     make_adapter,
     prompt_to_prefix,
-    tune,
     vt_to_prefix,
 )
 from probe.model import ModelConfig, Transformer, preset
-from probe.train import TrainConfig
+from probe.train import TrainConfig, tune
 from tasks import get_task
 
 OPTIONS = {
@@ -97,6 +99,7 @@ def test_prefix_mlp_reparameterisation_is_folded_on_save(tmp_path):
     adapter.save(tmp_path / "a", base)
     loaded = load_adapter(tmp_path / "a", base)
     assert loaded.n_params == 2 * 2 * 2 * 2 * 16  # plain keys and values now
+    assert loaded.config == PrefixConfig(length=2, reparam_hidden=0)
     torch.testing.assert_close(loaded(base, tokens()), adapter(base, tokens()), rtol=0, atol=0)
 
 
@@ -145,15 +148,12 @@ def test_adapter_directories_in_the_first_format_still_load(method, tmp_path):
     tensors = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
     write_old_adapter_dir(tmp_path / "old", method, base, tensors)
     loaded = load_adapter(tmp_path / "old", base)
-    assert loaded.method == method
+    assert loaded.method == method and loaded.config == adapter.config
     torch.testing.assert_close(loaded(base, tokens()), adapter(base, tokens()), rtol=0, atol=0)
-    if method in ("lora", "prefix+lora"):
-        lora = loaded if method == "lora" else loaded.lora
-        assert (lora.rank, tuple(lora.targets), lora.alpha) == (
-            2,
-            tuple(OLD_HPARAMS[method]["targets"]),
-            2.0,
-        )
+    loaded.save(tmp_path / "new", base)  # rewritten in the current format, same config
+    meta = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert meta["format"] == io.ADAPTER_FORMAT and meta["config"] == OLD_HPARAMS[method]
+    assert load_adapter(tmp_path / "new", base).config == adapter.config
 
 
 def test_loading_onto_another_base_or_a_corrupt_file_fails_and_changes_nothing(tmp_path):
@@ -206,7 +206,7 @@ def test_tuning_trains_only_the_adapter(method):
     base = Transformer(preset("tiny"))  # float32, dropout on: the real training set-up
     before = {k: v.clone() for k, v in base.state_dict().items()}
     cfg = TrainConfig(steps=3, lr=1e-2, batch_size=16, eval_size=64, progress=False)
-    adapter, _ = tune(base, get_task("copy"), method, cfg, **OPTIONS[method])
+    adapter, _ = tune(base, get_task("copy"), adapter_config(method, **OPTIONS[method]), cfg)
     after = base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "base weights changed"
     assert all(p.grad is None for p in base.parameters())
@@ -219,6 +219,42 @@ def test_lora_merge_equals_unmerged_forward():
     lora = make("lora", base)
     assert isinstance(lora, LoRA)
     torch.testing.assert_close(lora.merge(base).double()(tokens()), lora(base, tokens()))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_configs_are_the_constructor_argument_and_the_saved_json(method, tmp_path):
+    base = make_base()
+    config = adapter_config(method, **OPTIONS[method])
+    assert type(config) is METHODS[method].Config and config.method == method
+    assert type(config).from_dict(config.to_dict()) == config  # JSON round trip
+    torch.manual_seed(1)
+    built = METHODS[method](base, config)
+    torch.manual_seed(1)
+    by_name = make_adapter(method, base, **OPTIONS[method])
+    assert built.config == by_name.config == config
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(built.state_dict().values(), by_name.state_dict().values(), strict=True)
+    )
+    built.save(tmp_path / "a", base)
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert meta["config"] == config.to_dict() and "hparams" not in meta
+
+
+def test_configs_are_validated_when_built_and_resolve_their_defaults():
+    assert LoRAConfig(rank=4).alpha == 4.0 and LoRAConfig(targets=["W_Q"]).targets == ("W_Q",)
+    assert adapter_config("prefix+lora", rank=2).lora == LoRAConfig(rank=2, alpha=2.0)
+    for bad in (dict(length=0), dict(length=1.5), dict(reparam_hidden=-1)):
+        with pytest.raises(ValueError):
+            PrefixConfig(**bad)
+    with pytest.raises(ValueError, match="choose from"):
+        LoRAConfig(targets=("W_X",))
+    with pytest.raises(ValueError, match="rank"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="init"):
+        adapter_config("prompt", init="zeros")
+    with pytest.raises(TypeError, match="PrefixConfig"):
+        METHODS["prefix"](make_base(), LoRAConfig())
 
 
 def test_bad_options_name_the_problem():

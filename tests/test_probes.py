@@ -1,4 +1,5 @@
-"""Property tests of the attention-bias theorem (DESIGN.md s. 1) through the probes, in float64.
+"""Property tests of the attention-bias theorem (``probe.probes``' docstring) through the probes,
+in float64.
 
 The probes must confirm the theorem where it holds (prefixes, soft prompts) and must fail where
 it does not (changed W_Q/W_K): a probe that cannot fail is worthless.
@@ -169,7 +170,7 @@ def test_dominating_vanishing_and_underflowing_prefix(scale):
 
 
 def test_alpha_matches_the_theorem_formula_and_first_position():
-    """alpha, beta and A against DESIGN.md s. 1 written out with plain exponentials; at the first
+    """alpha, beta and A against the theorem written out with plain exponentials; at the first
     query the content is one key, so A = 1 and alpha = sum_p e^s_p / (sum_p e^s_p + e^s_00)."""
     model = random_model(n_layers=1)
     x = tokens(batch=2, T=5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analysis.plots import bar_chart, heatmap_grid, learning_curves, patterns, renormalise_content
+from analysis.plots import bar_chart, heatmap_grid, learning_curves, patterns
 from analysis.report import (
     Experiment,
     Figure,
@@ -22,6 +22,7 @@ from analysis.report import (
 )
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
+from probe.probes import content_attention
 from tasks import get_task, test_set
 
 METHODS = ("full", "lora", "prefix", "vt-prefix", "prompt")
@@ -59,7 +60,7 @@ def tuned(p: Profile, base: Run, method: str) -> Run:
         seed=base.seed,
         steps=steps,
         eval_tasks=("sort_asc",),
-        options=tuple(sorted(OPTIONS[method].items())),
+        options=OPTIONS[method],
     )
 
 
@@ -132,7 +133,7 @@ def report(store: Store, p: Profile, out: Path) -> Section:
         panels.append(
             (
                 name.replace("raw", "renormalised"),
-                renormalise_content(pattern, P),
+                content_attention(pattern, P)[0],
                 0,
             )
         )
