@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import model_configs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -271,24 +272,9 @@ def test_bad_options_name_the_problem():
         make_adapter("lora", make_base(d_mlp=0), targets=["W_in"])
 
 
-configs = st.builds(
-    lambda layers, heads, d_head, attn_ln, mlp: ModelConfig(
-        n_layers=layers,
-        n_heads=heads,
-        d_model=heads * d_head,
-        d_mlp=mlp,
-        attn_ln=attn_ln,
-        dropout=0.0,
-    ),
-    st.integers(1, 3),
-    st.integers(1, 4),
-    st.integers(1, 8),
-    st.booleans(),
-    st.sampled_from([0, 16]),
-)
+configs = model_configs()
 
 
-@settings(max_examples=25, deadline=None)
 @given(cfg=configs, P=st.integers(1, 8), T=st.integers(1, 12), seed=st.integers(0, 2**16))
 def test_soft_prompt_converts_exactly_to_a_kv_prefix(cfg, P, T, seed):
     torch.manual_seed(seed)

@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-from helpers import random_prefix, tokens
-from hypothesis import assume, given, settings
+from helpers import model_config, model_configs, random_prefix, tokens
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from probe import probes
@@ -33,17 +33,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def random_model(n_layers=2, n_heads=2, d_head=8, seed=0, attn_ln=True, mlp=True) -> Transformer:
-    """float64 model with O(1) weights, so attention patterns are far from uniform."""
-    d_model = n_heads * d_head
-    cfg = ModelConfig(
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_model=d_model,
-        d_mlp=2 * d_model if mlp else 0,
-        attn_ln=attn_ln,
-        dropout=0.0,
-    )
+def random_model(cfg: ModelConfig | None = None, seed: int = 0, **shape) -> Transformer:
+    """float64 model with O(1) weights, so attention patterns are far from uniform; ``cfg`` or
+    a :func:`helpers.model_config` of ``shape`` (2 layers, 2 heads of 8 by default)."""
+    cfg = cfg or model_config(**shape)
+    d_model = cfg.d_model
     torch.manual_seed(seed)
     model = Transformer(cfg).double().eval()
     with torch.no_grad():
@@ -92,22 +86,14 @@ def records(model, x, tuned=None, **run_kwargs):
     )
 
 
-shapes = st.fixed_dictionaries(
-    {
-        "n_layers": st.integers(1, 3),
-        "n_heads": st.integers(1, 4),
-        "d_head": st.integers(2, 16),
-        "attn_ln": st.booleans(),
-        "mlp": st.booleans(),
-        "seed": st.integers(0, 2**16),
-    }
-)
+shapes = model_configs(min_d_head=2)
+seeds = st.integers(0, 2**16)
 
 
-def degenerate(shape) -> bool:
+def degenerate(cfg: ModelConfig) -> bool:
     """LayerNorm of a 2-d vector is (+-w1, -+w2) + b: two possible layer inputs, often one, and
     then no W_Q/W_K change can move attention among identical keys."""
-    return shape["attn_ln"] and shape["n_heads"] * shape["d_head"] == 2
+    return cfg.attn_ln and cfg.d_model == 2
 
 
 # ---------------------------------------------------------------------------- the identities
@@ -115,18 +101,22 @@ def degenerate(shape) -> bool:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    shape=shapes,
+    cfg=shapes,
+    seed=seeds,
     P=st.integers(1, 16),
     T=st.integers(1, 12),
     batch=st.integers(1, 3),
     scale=st.sampled_from([1.0, 30.0, -30.0]),  # typical, dominating, vanishing prefix scores
     per_example=st.booleans(),
 )
-def test_identities_hold_at_every_layer(shape, P, T, batch, scale, per_example):
-    model = random_model(**shape)
+@example(cfg=model_config(), seed=0, P=1, T=1, batch=1, scale=1.0, per_example=False)  # T=1
+@example(cfg=model_config(n_layers=3, mlp=False), seed=1, P=16, T=12, batch=3, scale=30.0,
+         per_example=True)  # fmt: skip
+def test_identities_hold_at_every_layer(cfg, seed, P, T, batch, scale, per_example):
+    model = random_model(cfg, seed)
     per = batch if per_example else None
-    prefix = random_prefix(model, P, scale, seed=shape["seed"], batch=per)
-    tuned, base = records(model, tokens(batch, T, seed=shape["seed"]), prefix=prefix)
+    prefix = random_prefix(model, P, scale, seed=seed, batch=per)
+    tuned, base = records(model, tokens(batch, T, seed=seed), prefix=prefix)
     result = probes.check_theorem(tuned, base)
     assert result.ok, result.failures()
     for r, d, local, down in zip(
@@ -203,11 +193,11 @@ def test_single_position():
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=shapes, T=st.integers(4, 12), lora=st.booleans())
-def test_changed_queries_keys_show_local_drift(shape, T, lora):
-    assume(not degenerate(shape))
-    model = random_model(**shape)
-    x = tokens(4, T, seed=shape["seed"])
+@given(cfg=shapes, seed=seeds, T=st.integers(4, 12), lora=st.booleans())
+def test_changed_queries_keys_show_local_drift(cfg, seed, T, lora):
+    assume(not degenerate(cfg))
+    model = random_model(cfg, seed)
+    x = tokens(4, T, seed=seed)
     tuned, base = records(model, x, tuned=perturbed(model, ("W_Q", "W_K"), lora=lora))
     result = probes.check_theorem(tuned, base)
     assert result.ok  # no prefix: no identity is expected, drift is reported
@@ -219,14 +209,14 @@ def test_changed_queries_keys_show_local_drift(shape, T, lora):
 
 
 @settings(max_examples=15, deadline=None)
-@given(shape=shapes, T=st.integers(2, 12))
-def test_value_output_changes_do_not_move_the_pattern(shape, T):
+@given(cfg=shapes, seed=seeds, T=st.integers(2, 12))
+def test_value_output_changes_do_not_move_the_pattern(cfg, seed, T):
     """Changing W_V, W_O (and the MLP) moves no pattern given the layer input (local drift 0),
     though the head output changes and later layers' inputs do (downstream drift)."""
-    assume(not degenerate(shape))
-    model = random_model(**shape)
+    assume(not degenerate(cfg))
+    model = random_model(cfg, seed)
     leaves = ("W_V", "b_V", "W_O", "b_O", "W_in", "W_out")
-    tuned, base = records(model, tokens(3, T, seed=shape["seed"]), tuned=perturbed(model, leaves))
+    tuned, base = records(model, tokens(3, T, seed=seed), tuned=perturbed(model, leaves))
     result = probes.check_theorem(tuned, base)
     for r, local, down, d in zip(
         tuned, result.local, result.downstream, result.decompositions, strict=True
@@ -236,7 +226,7 @@ def test_value_output_changes_do_not_move_the_pattern(shape, T):
         assert (d.z_error > 1e-3).all()  # ... but z != A @ v_frozen: V changed
         if r.layer == 0:
             assert down.max_abs.max() < TOL
-    if shape["n_layers"] > 1:
+    if cfg.n_layers > 1:
         assert result.downstream[-1].tv_max.max() > 1e-3
 
 
@@ -325,10 +315,10 @@ def test_a_nan_error_fails_in_the_table_and_the_exit_status(saved_base, capsys, 
 
 
 @settings(max_examples=20, deadline=None)
-@given(shape=shapes, P=st.integers(1, 16))
-def test_bias_subspace_rank_at_most_P(shape, P):
-    model = random_model(**shape)
-    tuned, _ = records(model, tokens(8, 10, seed=shape["seed"]), prefix=random_prefix(model, P))
+@given(cfg=shapes, seed=seeds, P=st.integers(1, 16))
+def test_bias_subspace_rank_at_most_P(cfg, seed, P):
+    model = random_model(cfg, seed)
+    tuned, _ = records(model, tokens(8, 10, seed=seed), prefix=random_prefix(model, P))
     for r in tuned:
         s = probes.bias_subspace(r)
         assert (s.rank <= min(P, r.d_head)).all(), s.rows()
