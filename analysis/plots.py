@@ -28,12 +28,6 @@ def patterns(store: Store, run: Run, tokens: torch.Tensor) -> list[torch.Tensor]
     return [cache["pattern", layer][0] for layer in range(base.cfg.n_layers)]
 
 
-def renormalise_content(pattern: torch.Tensor, P: int) -> torch.Tensor:
-    """Drop the P prefix columns and renormalise each row over the content: [..., T, T]."""
-    content = pattern[..., P:]
-    return content / content.sum(-1, keepdim=True)
-
-
 def heatmap_grid(
     panels: list[tuple[str, torch.Tensor, int]],
     tokens: list[int],

@@ -2,8 +2,9 @@
 
 A :class:`Run` names everything that determines its result (task, model, method, options,
 budget, seed, and its base run), so its key is a hash of that spec: re-running skips finished
-runs and an interrupted sweep resumes. A run's directory is written in one atomic rename
-(``probe.io.save_dir``), so a half-written run is never read back as a result.
+runs and an interrupted sweep resumes. A run's directory is written in a temporary sibling
+(``.<key>.tmp-<host>-<pid>-*``) and renamed into place once complete (:func:`execute`), so a
+half-written run is never read back as a result.
 
 Several processes, on one host or on several sharing a filesystem, may work on one store at
 once (see :class:`Store`): each run is claimed before it is trained, claims of crashed
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, wait
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
@@ -36,14 +38,15 @@ from datetime import datetime, timezone
 from functools import partial
 from io import StringIO, TextIOBase
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from probe import io
-from probe.adapters import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, load_adapter, tune
+from probe.adapters import AdapterConfig, adapter_config, load_adapter
 from probe.model import Transformer, preset
-from probe.train import TrainConfig, evaluate, pretrain
+from probe.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, evaluate, pretrain, tune
 from tasks import get_task
 
 # Intra-op threads of every run, part of its key: float reductions split over another number of
@@ -58,15 +61,19 @@ STALE_AFTER_S = 300.0  # a claim not refreshed for this long belongs to a dead p
 class Run:
     """One training run: pretraining a base model (``method=None``) or tuning an adapter on it.
 
-    ``model`` holds preset overrides as sorted (field, value) pairs; ``options`` the adapter's
-    keyword arguments likewise; ``eval_tasks`` are the extra tasks the result reports accuracy on.
+    ``model`` holds the preset's overrides and ``options`` the adapter's options (the fields of
+    its :class:`~probe.adapters.AdapterConfig`), each given as a dict (or as (field, value)
+    pairs) and kept as pairs, hashable. The key records the options as given, not the resolved
+    config: ``{"length": 1}`` and ``{"length": 1, "init": "random"}`` build the same prompt but
+    are two keys, as they always were, so that existing stores keep their results.
+    ``eval_tasks`` are the extra tasks the result reports accuracy on.
     """
 
     task: str
     preset: str = "01"
-    model: tuple = ()
+    model: Mapping[str, Any] | tuple = ()
     method: str | None = None
-    options: tuple = ()
+    options: Mapping[str, Any] | tuple = ()
     base: Run | None = None
     steps: int = 1000
     lr: float | None = None  # None -> DEFAULT_LR[method] (3e-3 for pretraining)
@@ -84,9 +91,20 @@ class Run:
     def __post_init__(self):
         if (self.method is None) != (self.base is None):
             raise ValueError("a Run pretrains (no method, no base) or tunes (method and base)")
+        for name in ("model", "options"):
+            object.__setattr__(self, name, _pairs(getattr(self, name)))
         get_task(self.task)  # fail at spec time on an unknown task
         for name in self.eval_tasks:
             get_task(name)
+        if self.method is not None:
+            self.adapter_config  # noqa: B018  (fail at spec time on unknown options)
+        elif self.options:
+            raise ValueError("a pretraining Run takes no adapter options")
+
+    @property
+    def adapter_config(self) -> AdapterConfig:
+        """The typed config of the adapter this run tunes."""
+        return adapter_config(self.method, **dict(self.options))
 
     def spec(self) -> dict:
         """Everything that determines the result; defaults resolved, so that changing a
@@ -141,11 +159,15 @@ class Run:
 
 
 def variant(run: Run, **changes) -> Run:
-    """A copy of ``run`` with some fields changed (``options``/``model`` as dicts are fine)."""
-    for name in ("options", "model"):
-        if isinstance(changes.get(name), dict):
-            changes[name] = tuple(sorted(changes[name].items()))
+    """A copy of ``run`` with some fields changed."""
     return replace(run, **changes)
+
+
+def _pairs(fields: Mapping[str, Any] | tuple) -> tuple:
+    """(field, value) pairs, hashable (list values as tuples): a dict's sorted by field, given
+    pairs in their order. Either way the key serialises them exactly as it always did."""
+    items = sorted(fields.items()) if isinstance(fields, Mapping) else fields
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in items)
 
 
 @dataclass(frozen=True)
@@ -365,10 +387,10 @@ def execute(run: Run, root: Path, device: str = "cpu") -> dict:
         torch.manual_seed(run.seed)
         model = Transformer(preset(run.preset, **dict(run.model)))
         result = pretrain(task, model, cfg)
-        forward, n_params = model, sum(p.numel() for p in model.parameters())
+        forward, n_params = model, model.n_params
     else:
         model = Transformer.load(Path(root) / run.base.key / "model", device)
-        adapter, result = tune(model, task, run.method, cfg, **dict(run.options))
+        adapter, result = tune(model, task, run.adapter_config, cfg)
         forward, n_params = partial(adapter, model), adapter.n_params
     model.eval()
     accuracy = {
@@ -389,7 +411,7 @@ def execute(run: Run, root: Path, device: str = "cpu") -> dict:
         **({"accuracy_given": given} if given else {}),
         "history": result.history,
         "n_params": n_params,
-        "base_params": sum(p.numel() for p in model.parameters()),
+        "base_params": model.n_params,
     }
     # Named after its owner so that only a provably dead owner's temporary is ever removed.
     tmp = Path(tempfile.mkdtemp(prefix=f".{run.key}.tmp-{io.owner_tag()}", dir=root))

@@ -58,7 +58,7 @@ def tuned(p: Profile, method: str, seed: int) -> Run:
         base=base(p, seed),
         steps=steps,
         seed=seed,
-        options=tuple(options.items()),
+        options=options,
         eval_tasks=("sort_asc",),  # does the tuned model still sort?
     )
 

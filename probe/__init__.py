@@ -1,7 +1,7 @@
 """prefix-probe: what prefix-, prompt-tuning, LoRA and full fine-tuning do inside attention."""
 
 from probe.model import PRESETS, KVPrefix, ModelConfig, Transformer, preset
-from probe.train import TrainConfig, TrainingDiverged, evaluate, generate, train
+from probe.train import TrainConfig, TrainingDiverged, evaluate, generate, pretrain, tune
 
 __all__ = [
     "PRESETS",
@@ -13,5 +13,6 @@ __all__ = [
     "TrainingDiverged",
     "evaluate",
     "generate",
-    "train",
+    "pretrain",
+    "tune",
 ]

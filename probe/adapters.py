@@ -19,16 +19,21 @@ Every adapter changes a base model's forward in at most three ways, all through
 | full         | a copy of every base weight                       | changed everything        |
 | prefix+lora  | both                                              |                           |
 
-Adapters save as ``adapter_config.json`` + ``adapter.safetensors`` (PEFT-style) and record the
-base model's fingerprint; loading onto another base model fails with a clear error.
+Each method's options are a frozen, validated config dataclass (:class:`PrefixConfig`,
+:class:`LoRAConfig`, ...), the adapter's constructor argument: ``LoRA(base, LoRAConfig(rank=4))``,
+or by name, ``make_adapter("lora", base, rank=4)``. Adapters save as ``adapter_config.json``
+(the config under ``"config"``, the base model's fingerprint, a ``format`` of our own, so that
+PEFT's loaders and ours never take one for the other) + ``adapter.safetensors``; loading onto
+another base model fails with a clear error. Training them: :func:`probe.train.tune`.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int
@@ -38,21 +43,168 @@ from transformer_lens import ActivationCache
 
 from probe import io
 from probe.model import KVPrefix, Transformer, environment, eval_mode
-from probe.train import TrainConfig, TrainResult, check_fits, train
-from tasks import Task
 
-ADAPTER_FORMAT = io.ADAPTER_FORMAT
 LORA_TARGETS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
 
 
-class Adapter(nn.Module):
-    """Base class: a set of trainable tensors and how they change the base model's forward."""
+# ---------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """An adapter's options: its constructor argument and, as :meth:`to_dict`, the ``config``
+    of its saved ``adapter_config.json``. Subclasses are frozen dataclasses validated when built;
+    ``method`` names the adapter they configure."""
 
     method: ClassVar[str]
 
-    def __init__(self, base: Transformer):
+    def to_dict(self) -> dict:
+        """JSON-ready fields (tuples as lists)."""
+        return {
+            f.name: list(v) if isinstance(v, tuple) else v
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> AdapterConfig:
+        """The config from keyword options (a saved ``config``, a run's options, CLI flags);
+        an option this method does not take is named in a ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"method {cls.method!r} does not take the options {unknown}; its options are "
+                f"{sorted(known) or 'none'}"
+            )
+        return cls(**options)
+
+    def build(self, base: Transformer) -> Adapter:
+        """A fresh adapter of this config on ``base`` (random init from torch's global RNG)."""
+        return METHODS[self.method](base, self)
+
+
+def _check_length(length: Any) -> None:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"prefix/prompt length must be a positive int, got {length!r}")
+
+
+@dataclass(frozen=True)
+class PrefixConfig(AdapterConfig):
+    """``length`` P key/value positions per layer and head. ``reparam_hidden=H`` trains them
+    through Li & Liang's MLP (embedding [P, H] -> Linear -> tanh -> Linear), folded into plain
+    keys and values when saved; ``init_scale`` scales the plain keys' and values' N(0, 1) init."""
+
+    method: ClassVar[str] = "prefix"
+    length: int = 1
+    reparam_hidden: int = 0
+    init_scale: float = 1.0
+
+    def __post_init__(self):
+        _check_length(self.length)
+        if not isinstance(self.reparam_hidden, int) or self.reparam_hidden < 0:
+            raise ValueError(f"reparam_hidden must be an int >= 0, got {self.reparam_hidden!r}")
+
+
+@dataclass(frozen=True)
+class VirtualTokenConfig(AdapterConfig):
+    """``length`` P virtual-token vectors per layer (the paper's prefix)."""
+
+    method: ClassVar[str] = "vt-prefix"
+    length: int = 1
+
+    def __post_init__(self):
+        _check_length(self.length)
+
+
+@dataclass(frozen=True)
+class PromptConfig(AdapterConfig):
+    """``length`` P soft tokens; ``init`` "random" (N(0, std of the token embeddings)) or
+    "vocab" (the embeddings of P tokens sampled from the vocabulary, Lester et al.)."""
+
+    method: ClassVar[str] = "prompt"
+    length: int = 1
+    init: str = "random"
+
+    def __post_init__(self):
+        _check_length(self.length)
+        if self.init not in ("random", "vocab"):
+            raise ValueError(f"prompt init must be 'random' or 'vocab', got {self.init!r}")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    """Rank-``rank`` updates (alpha / rank) A B of the ``targets`` matrices of every layer;
+    ``alpha`` defaults to ``rank`` (a scale of 1) and is stored resolved."""
+
+    method: ClassVar[str] = "lora"
+    rank: int = 1
+    targets: tuple[str, ...] = ("W_Q", "W_V")
+    alpha: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise ValueError(
+                f"LoRA targets {bad or list(self.targets)} unknown; choose from {LORA_TARGETS}"
+            )
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be an int >= 1, got {self.rank!r}")
+        object.__setattr__(self, "alpha", float(self.rank if self.alpha is None else self.alpha))
+
+
+@dataclass(frozen=True)
+class FullConfig(AdapterConfig):
+    """Full fine-tuning takes no options."""
+
+    method: ClassVar[str] = "full"
+
+
+@dataclass(frozen=True)
+class PrefixLoRAConfig(AdapterConfig):
+    """A plain key/value prefix of ``length`` and LoRA (``rank``, ``targets``, ``alpha``)."""
+
+    method: ClassVar[str] = "prefix+lora"
+    length: int = 1
+    rank: int = 1
+    targets: tuple[str, ...] = ("W_Q", "W_V")
+    alpha: float | None = None
+
+    def __post_init__(self):
+        lora = LoRAConfig(self.rank, self.targets, self.alpha)  # validates and resolves
+        _check_length(self.length)
+        object.__setattr__(self, "targets", lora.targets)
+        object.__setattr__(self, "alpha", lora.alpha)
+
+    @property
+    def prefix(self) -> PrefixConfig:
+        return PrefixConfig(length=self.length)
+
+    @property
+    def lora(self) -> LoRAConfig:
+        return LoRAConfig(self.rank, self.targets, self.alpha)
+
+
+# ---------------------------------------------------------------------------- adapters
+
+
+class Adapter(nn.Module):
+    """Base class: a set of trainable tensors and how they change the base model's forward.
+    Built from ``(base, config)``; ``Config`` is the config class, ``method`` its name."""
+
+    Config: ClassVar[type[AdapterConfig]]
+
+    def __init__(self, base: Transformer, config: AdapterConfig):
         super().__init__()
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, got {config!r}")
         self.base_cfg = base.cfg
+        self.config = config
+
+    @property
+    def method(self) -> str:
+        return self.config.method
 
     # What the adapter feeds the base model; subclasses override the parts they use.
     def prefix(self, base: Transformer) -> list[KVPrefix | None] | None:
@@ -62,10 +214,6 @@ class Adapter(nn.Module):
         return None
 
     def weights(self, base: Transformer) -> dict[str, Tensor]:
-        return {}
-
-    def hparams(self) -> dict:
-        """The constructor's keyword arguments, saved beside the tensors."""
         return {}
 
     def forward(
@@ -79,25 +227,27 @@ class Adapter(nn.Module):
 
     @property
     def n_params(self) -> int:
-        """Trainable parameters, as saved (an MLP reparameterisation counts its MLP)."""
+        """Trainable parameters, as trained (an MLP reparameterisation counts its MLP)."""
         return sum(p.numel() for p in self.parameters())
 
     def share(self, base: Transformer) -> float:
         """n_params as a fraction of the base model's parameters."""
-        return self.n_params / sum(p.numel() for p in base.parameters())
+        return self.n_params / base.n_params
 
-    def tensors(self, base: Transformer) -> dict[str, Tensor]:
-        """What :meth:`save` writes; subclasses may fold a reparameterisation here."""
-        return self.state_dict()
+    def saved(self, base: Transformer) -> tuple[AdapterConfig, dict[str, Tensor]]:
+        """The config and tensors :meth:`save` writes; a subclass may fold a
+        reparameterisation here (loading them gives the same forward)."""
+        return self.config, self.state_dict()
 
     def save(self, path: str | Path, base: Transformer, overwrite: bool = False) -> Path:
-        """Write ``path/adapter_config.json`` and ``path/adapter.safetensors`` atomically; the
-        config records the base's fingerprint and a checksum of the adapter's own tensors."""
-        tensors = self.tensors(base)
+        """Write ``path/adapter_config.json`` and ``path/adapter.safetensors`` with
+        :func:`io.save_dir` (never half-written); the JSON records the base's fingerprint and a
+        checksum of the adapter's own tensors."""
+        config, tensors = self.saved(base)
         meta = {
-            "format": ADAPTER_FORMAT,
+            "format": io.ADAPTER_FORMAT,
             "method": self.method,
-            "hparams": self.saved_hparams(),
+            "config": config.to_dict(),
             "base_fingerprint": base.fingerprint(),
             "base_config": base.cfg.to_dict(),
             "n_params": self.n_params,
@@ -108,42 +258,38 @@ class Adapter(nn.Module):
             path, {"adapter.safetensors": tensors}, {"adapter_config.json": meta}, overwrite
         )
 
-    def saved_hparams(self) -> dict:
-        return self.hparams()
+
+def _fits(length: int, max_prefix: int) -> None:
+    if length > max_prefix:
+        raise ValueError(
+            f"prefix/prompt length {length} exceeds the base model's max_prefix={max_prefix}; "
+            "use a shorter one or a base model built with a larger max_prefix"
+        )
 
 
 class Prefix(Adapter):
-    """Key/value prefix per layer and head (Li & Liang; PEFT's prefix-tuning).
-
-    With ``reparam_hidden=H`` the prefix is produced by embedding [P, H] -> Linear -> tanh ->
-    Linear (Li & Liang's MLP reparameterisation), which trains more stably; ``save`` folds it
-    into plain keys and values, so a loaded adapter is a plain prefix.
+    """Key/value prefix per layer and head (Li & Liang; PEFT's prefix-tuning). With
+    ``reparam_hidden`` the prefix comes from an MLP (:class:`PrefixConfig`), which trains more
+    stably; ``save`` folds it into plain keys and values, so a loaded adapter is a plain prefix.
     """
 
-    method = "prefix"
+    Config = PrefixConfig
 
-    def __init__(
-        self, base: Transformer, length: int = 1, reparam_hidden: int = 0, init_scale: float = 1.0
-    ):
-        super().__init__(base)
-        c = base.cfg
-        _check_length(length, c.max_prefix)
-        self.length, self.reparam_hidden, self.init_scale = length, reparam_hidden, init_scale
-        self.shape = (c.n_layers, 2, length, c.n_heads, c.d_head)  # 2: keys, values
+    def __init__(self, base: Transformer, config: PrefixConfig = PrefixConfig()):
+        super().__init__(base, config)
+        c, P, H = base.cfg, config.length, config.reparam_hidden
+        _fits(P, c.max_prefix)
+        self.shape = (c.n_layers, 2, P, c.n_heads, c.d_head)  # 2: keys, values
         like = base.W_E
-        if reparam_hidden:
-            n_out = math.prod(self.shape) // length
-            self.embedding = nn.Parameter(torch.randn(length, reparam_hidden).to(like))
-            self.mlp = nn.Sequential(
-                nn.Linear(reparam_hidden, reparam_hidden),
-                nn.Tanh(),
-                nn.Linear(reparam_hidden, n_out),
-            ).to(like)
+        if H:
+            n_out = math.prod(self.shape) // P
+            self.embedding = nn.Parameter(torch.randn(P, H).to(like))
+            self.mlp = nn.Sequential(nn.Linear(H, H), nn.Tanh(), nn.Linear(H, n_out)).to(like)
         else:
-            self.kv = nn.Parameter(init_scale * torch.randn(self.shape).to(like))
+            self.kv = nn.Parameter(config.init_scale * torch.randn(self.shape).to(like))
 
     def kv_tensor(self) -> Float[Tensor, "layer 2 P head d_head"]:
-        if self.reparam_hidden:
+        if self.config.reparam_hidden:
             out = self.mlp(self.embedding)  # [P, layer * 2 * head * d_head]
             n_layers, two, P, h, e = self.shape
             return out.view(P, n_layers, two, h, e).permute(1, 2, 0, 3, 4)
@@ -152,18 +298,8 @@ class Prefix(Adapter):
     def prefix(self, base):
         return [KVPrefix(kv[0], kv[1]) for kv in self.kv_tensor()]
 
-    def hparams(self):
-        return {
-            "length": self.length,
-            "reparam_hidden": self.reparam_hidden,
-            "init_scale": self.init_scale,
-        }
-
-    def saved_hparams(self):
-        return {**self.hparams(), "reparam_hidden": 0}
-
-    def tensors(self, base):
-        return {"kv": self.kv_tensor().detach()}
+    def saved(self, base):
+        return replace(self.config, reparam_hidden=0), {"kv": self.kv_tensor().detach()}
 
 
 class VirtualTokenPrefix(Adapter):
@@ -174,50 +310,37 @@ class VirtualTokenPrefix(Adapter):
     20% on add1 in 200 steps from N(0, 1), and 99% in 100 steps from this scale.)
     """
 
-    method = "vt-prefix"
+    Config = VirtualTokenConfig
 
-    def __init__(self, base: Transformer, length: int = 1):
-        super().__init__(base)
+    def __init__(self, base: Transformer, config: VirtualTokenConfig = VirtualTokenConfig()):
+        super().__init__(base, config)
         c = base.cfg
-        _check_length(length, c.max_prefix)
-        self.length = length
+        _fits(config.length, c.max_prefix)
         scale = base.W_E.detach().std()
-        self.vectors = nn.Parameter(scale * torch.randn(c.n_layers, length, c.d_model).to(base.W_E))
+        shape = (c.n_layers, config.length, c.d_model)
+        self.vectors = nn.Parameter(scale * torch.randn(shape).to(base.W_E))
 
     def prefix(self, base):
         return vt_to_prefix(base, self.vectors)
 
-    def hparams(self):
-        return {"length": self.length}
-
 
 class Prompt(Adapter):
-    """Soft prompt: P vectors before the content at the input only, no positional slot.
+    """Soft prompt: P vectors before the content at the input only, no positional slot."""
 
-    ``init="random"`` draws N(0, std of the token embeddings); ``init="vocab"`` copies the
-    embeddings of P tokens sampled from the vocabulary (Lester et al.).
-    """
+    Config = PromptConfig
 
-    method = "prompt"
-
-    def __init__(self, base: Transformer, length: int = 1, init: str = "random"):
-        super().__init__(base)
-        c = base.cfg
-        _check_length(length, c.max_prefix)
-        if init == "random":
-            tokens = base.W_E.detach().std() * torch.randn(length, c.d_model).to(base.W_E)
-        elif init == "vocab":
-            tokens = base.W_E.detach()[torch.randint(0, c.d_vocab, (length,))].clone()
-        else:
-            raise ValueError(f"prompt init must be 'random' or 'vocab', got {init!r}")
-        self.length, self.init = length, init
+    def __init__(self, base: Transformer, config: PromptConfig = PromptConfig()):
+        super().__init__(base, config)
+        c, P = base.cfg, config.length
+        _fits(P, c.max_prefix)
+        if config.init == "random":
+            tokens = base.W_E.detach().std() * torch.randn(P, c.d_model).to(base.W_E)
+        else:  # "vocab"
+            tokens = base.W_E.detach()[torch.randint(0, c.d_vocab, (P,))].clone()
         self.tokens = nn.Parameter(tokens)
 
     def prompt(self, base):
         return self.tokens
-
-    def hparams(self):
-        return {"length": self.length, "init": self.init}
 
 
 class LoRA(Adapter):
@@ -228,34 +351,25 @@ class LoRA(Adapter):
     A starts random and B at zero, so training starts at the base model.
     """
 
-    method = "lora"
+    Config = LoRAConfig
 
-    def __init__(
-        self, base: Transformer, rank: int = 1, targets=("W_Q", "W_V"), alpha: float | None = None
-    ):
-        super().__init__(base)
-        targets = tuple(targets)
-        bad = [t for t in targets if t not in LORA_TARGETS]
-        if bad or not targets:
-            raise ValueError(f"LoRA targets {bad or targets} unknown; choose from {LORA_TARGETS}")
-        if base.cfg.d_mlp == 0 and {"W_in", "W_out"} & set(targets):
+    def __init__(self, base: Transformer, config: LoRAConfig = LoRAConfig()):
+        super().__init__(base, config)
+        if base.cfg.d_mlp == 0 and {"W_in", "W_out"} & set(config.targets):
             raise ValueError("LoRA on W_in/W_out needs an MLP; this base model is attention-only")
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.rank, self.targets = rank, targets
-        self.alpha = float(alpha if alpha is not None else rank)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         for name, W in self._targeted(base):
             d_in, d_out = _as_matrix(name, W).shape
             key = name.replace(".", "__")
-            self.A[key] = nn.Parameter(torch.randn(d_in, rank).to(W) / math.sqrt(d_in))
-            self.B[key] = nn.Parameter(torch.zeros(rank, d_out).to(W))
+            self.A[key] = nn.Parameter(torch.randn(d_in, config.rank).to(W) / math.sqrt(d_in))
+            self.B[key] = nn.Parameter(torch.zeros(config.rank, d_out).to(W))
 
     def _targeted(self, base):
-        return [(n, p) for n, p in base.named_parameters() if n.split(".")[-1] in self.targets]
+        leaves = self.config.targets
+        return [(n, p) for n, p in base.named_parameters() if n.split(".")[-1] in leaves]
 
     def weights(self, base):
-        scale = self.alpha / self.rank
+        scale = self.config.alpha / self.config.rank
         out = {}
         for name, W in self._targeted(base):
             key = name.replace(".", "__")
@@ -270,17 +384,14 @@ class LoRA(Adapter):
         merged.load_state_dict({**base.state_dict(), **self.weights(base)})
         return merged
 
-    def hparams(self):
-        return {"rank": self.rank, "targets": list(self.targets), "alpha": self.alpha}
-
 
 class Full(Adapter):
     """Full fine-tuning of a copy of the base weights (the base itself stays frozen)."""
 
-    method = "full"
+    Config = FullConfig
 
-    def __init__(self, base: Transformer):
-        super().__init__(base)
+    def __init__(self, base: Transformer, config: FullConfig = FullConfig()):
+        super().__init__(base, config)
         self.params = nn.ParameterDict(
             {
                 n.replace(".", "__"): nn.Parameter(p.detach().clone())
@@ -295,19 +406,12 @@ class Full(Adapter):
 class PrefixLoRA(Adapter):
     """A key/value prefix and LoRA trained together."""
 
-    method = "prefix+lora"
+    Config = PrefixLoRAConfig
 
-    def __init__(
-        self,
-        base: Transformer,
-        length: int = 1,
-        rank: int = 1,
-        targets=("W_Q", "W_V"),
-        alpha: float | None = None,
-    ):
-        super().__init__(base)
-        self.kv_prefix = Prefix(base, length=length)
-        self.lora = LoRA(base, rank=rank, targets=targets, alpha=alpha)
+    def __init__(self, base: Transformer, config: PrefixLoRAConfig = PrefixLoRAConfig()):
+        super().__init__(base, config)
+        self.kv_prefix = Prefix(base, config.prefix)
+        self.lora = LoRA(base, config.lora)
 
     def prefix(self, base):
         return self.kv_prefix.prefix(base)
@@ -315,23 +419,23 @@ class PrefixLoRA(Adapter):
     def weights(self, base):
         return self.lora.weights(base)
 
-    def hparams(self):
-        return {"length": self.kv_prefix.length, **self.lora.hparams()}
-
 
 METHODS: dict[str, type[Adapter]] = {
-    cls.method: cls for cls in (Prefix, VirtualTokenPrefix, Prompt, LoRA, Full, PrefixLoRA)
+    cls.Config.method: cls for cls in (Prefix, VirtualTokenPrefix, Prompt, LoRA, Full, PrefixLoRA)
 }
 
 
-def make_adapter(method: str, base: Transformer, **hparams) -> Adapter:
-    """Build an adapter by method name (``"prefix"``, ``"lora"``, ...) for ``base``."""
+def adapter_config(method: str, **options) -> AdapterConfig:
+    """The typed config of ``method`` (``"prefix"``, ``"lora"``, ...) from keyword options."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    try:
-        return METHODS[method](base, **hparams)
-    except TypeError as e:
-        raise ValueError(f"method {method!r} does not take these options: {e}") from None
+    return METHODS[method].Config.from_dict(options)
+
+
+def make_adapter(method: str, base: Transformer, **options) -> Adapter:
+    """A fresh adapter for ``base`` by method name and options (the config's fields):
+    ``make_adapter("lora", base, rank=4)`` is ``LoRA(base, LoRAConfig(rank=4))``."""
+    return adapter_config(method, **options).build(base)
 
 
 def load_adapter(path: str | Path, base: Transformer) -> Adapter:
@@ -339,9 +443,15 @@ def load_adapter(path: str | Path, base: Transformer) -> Adapter:
     path = Path(path)
     meta = io.read_json(
         path / "adapter_config.json",
-        ADAPTER_FORMAT,
-        required={"method": str, "hparams": dict, "base_fingerprint": str},
+        io.ADAPTER_FORMATS,
+        required={"method": str, "base_fingerprint": str},
     )
+    # The first saved format kept the same fields under "hparams".
+    options = meta.get("config", meta.get("hparams"))
+    if not isinstance(options, dict):
+        raise io.CorruptFileError(
+            f"{path / 'adapter_config.json'} has no 'config' table; the save is corrupt: re-save"
+        )
     if meta["base_fingerprint"] != base.fingerprint():
         raise ValueError(
             f"adapter {path} was trained on a different base model (fingerprint "
@@ -355,7 +465,7 @@ def load_adapter(path: str | Path, base: Transformer) -> Adapter:
             f"{path / 'adapter.safetensors'} does not match the checksum in adapter_config.json; "
             "the file is corrupt or from another save: re-save or retrain the adapter"
         )
-    adapter = make_adapter(meta["method"], base, **meta["hparams"])
+    adapter = adapter_config(meta["method"], **options).build(base)
     io.load_state(adapter, state, path / "adapter.safetensors")
     return adapter.to(base.device)
 
@@ -396,17 +506,22 @@ def vt_to_prefix(base: Transformer, vectors: Float[Tensor, "layer P d_model"]) -
     Returns one KVPrefix per layer, keys/values [P, head, d_head]. No dropout on this path, so
     it is exact in either mode (and differentiable: the vt-prefix adapter trains through it).
     """
-    return [
-        KVPrefix(*block.attn.keys_values(block.ln1(v)))
-        for block, v in zip(base.blocks, vectors, strict=True)
-    ]
+    prefix = []
+    for block, v in zip(base.blocks, vectors, strict=True):
+        x = block.ln1(v)
+        # Keys and values projected one at a time, as this adapter has always trained: one
+        # fused [K; V] matmul gives the same forward but rounds the gradient differently.
+        (keys,), (values,) = block.attn.project(x, "k"), block.attn.project(x, "v")
+        prefix.append(KVPrefix(keys, values))
+    return prefix
 
 
 class Tuned(nn.Module):
     """A frozen base model holding several named adapters, switched per call (PEFT-style).
 
-    >>> tuned = Tuned(base); tuned.add("desc", make_adapter("prefix", base))
-    >>> tuned(tokens, adapter="desc"); tuned(tokens, adapter=None)  # the base model
+    ``Tuned(base).add("desc", make_adapter("prefix", base))`` holds one adapter and makes it
+    active; ``tuned(tokens)`` then runs it, ``tuned(tokens, adapter=None)`` runs the base model
+    alone, and ``tuned.use(name)`` switches the active one.
     """
 
     def __init__(self, base: Transformer):
@@ -456,56 +571,6 @@ class Tuned(nn.Module):
         with self.base.hooks(fwd_hooks=fwd):
             logits = self(tokens, adapter)
         return logits, ActivationCache(cache, self.base)
-
-
-# Measured, not chosen, except where said. Prefix-like methods: on the quick profile (mix4
-# base -> add1, P=1, 3 seeds) prefix reached 37 / 87 / 99% at lr 1e-3 / 1e-2 / 1e-1, and 1e-1
-# freed two paper-02 prefixes that stalled at 1e-2; on the composition sort_asc_add1 (P=10)
-# 1e-1 is the fastest of 1e-2..3e-1 (figures/recipes.md). LoRA: B starts at zero, so its
-# updates start small; on sort_asc -> reverse, rank 4 on W_Q/K/V/O reached 0 / 14 / 93% in 300
-# steps at 3e-3 / 1e-2 / 3e-2 (figures/recipes.md). prefix+lora takes LoRA's rate (chosen).
-# Full fine-tuning's 1e-3 is chosen (the sweeps show 1e-4..1e-2 all reach 100% on add1).
-DEFAULT_LR = {
-    "prefix": 1e-1,
-    "vt-prefix": 1e-1,
-    "prompt": 1e-1,
-    "lora": 3e-2,
-    "full": 1e-3,
-    "prefix+lora": 3e-2,
-}
-
-# Adapters train without weight decay. AdamW's decoupled decay pulls every trained weight
-# towards zero by lr * wd of itself per step: 1% a step for a prefix at lr 0.1, which held the
-# K/V prefix on the composition sort_asc_add1 (P=10, seed 0, 1,000 steps) at 85% where it
-# reaches 99% without (figures/recipes.md). LoRA was unaffected either way (73% / 72% on hist).
-# Full fine-tuning and pretraining keep the usual 0.1 (TrainConfig's default).
-DEFAULT_WEIGHT_DECAY = {
-    "prefix": 0.0,
-    "vt-prefix": 0.0,
-    "prompt": 0.0,
-    "lora": 0.0,
-    "full": 0.1,
-    "prefix+lora": 0.0,
-}
-
-
-def tune(
-    base: Transformer, task: Task, method: str, cfg: TrainConfig, **hparams
-) -> tuple[Adapter, TrainResult]:
-    """Build an adapter for ``method`` and train it on ``task``; the base stays bit-identical."""
-    check_fits(base, task)
-    base.to(cfg.device).requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    adapter = make_adapter(method, base, **hparams).to(cfg.device)
-    result = train(partial(adapter, base), adapter.parameters(), task, cfg, modules=[base, adapter])
-    return adapter, result
-
-
-def _check_length(length: int, max_prefix: int):
-    if not isinstance(length, int) or not 1 <= length <= max_prefix:
-        raise ValueError(
-            f"prefix/prompt length must be an int in [1, max_prefix={max_prefix}], got {length!r}"
-        )
 
 
 def _as_matrix(name: str, W: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ Everything is measured in one process, with one thread setting, through the real
   over the fp32 matmul peak timed in the same run with the same threads;
 - **time to accuracy**: the paper's experiment 01 end to end with the project's defaults
   (``probe pretrain`` to >= 90% sort-ascending, then full fine-tuning and prefix-tuning on
-  sort-descending with ``probe tune``'s defaults and :data:`probe.adapters.DEFAULT_LR`);
+  sort-descending with ``probe tune``'s defaults and :data:`probe.train.DEFAULT_LR`);
 - **peer**: Hugging Face GPT-2 of the same shape with PEFT prefix-tuning, stepped the same way
   and timed alternately with ours (so machine load hits both alike); needs the ``hf`` extra.
 
@@ -37,17 +37,26 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from probe.adapters import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, make_adapter, tune
+from probe.adapters import adapter_config, make_adapter
 from probe.cli import build_parser, train_config  # time_to_accuracy uses the CLI's own defaults
 from probe.model import Transformer, preset
-from probe.train import FUSED_ADAMW, TrainConfig, evaluate, output_logits, pretrain
+from probe.train import (
+    DEFAULT_LR,
+    DEFAULT_WEIGHT_DECAY,
+    FUSED_ADAMW,
+    TrainConfig,
+    evaluate,
+    output_logits,
+    pretrain,
+    tune,
+)
 from tasks import get_task
 
 METHODS = ("pretrain", "full", "prefix", "prompt", "lora")
 PRETRAIN_TASK, TUNE_TASK = "sort_asc", "sort_desc"
 PEAK_SIZES = (256, 512, 1024)  # the peak is the fastest of these square fp32 products
 
-# The paper's official code on a 2-core CPU, batch 64: ms per iteration (DESIGN.md section 2).
+# The paper's official code on a 2-core CPU, batch 64: ms per iteration, as we measured it.
 PAPER_MS = {("01", "pretrain"): 49, ("01", "prefix"): 35, ("02", "pretrain"): 116,
             ("02", "prefix"): 81, ("03", "pretrain"): 515, ("03", "prefix"): 431}  # fmt: skip
 
@@ -131,7 +140,7 @@ def _trainer(name: str, method: str, cfg: TrainConfig, seed: int) -> Callable[[]
     model = Transformer(preset(name)).to(cfg.device)
     if method == "pretrain":
         return lambda: pretrain(get_task(PRETRAIN_TASK), model, cfg)
-    return lambda: tune(model, get_task(TUNE_TASK), method, cfg)[1]
+    return lambda: tune(model, get_task(TUNE_TASK), adapter_config(method), cfg)[1]
 
 
 def _timed_config(bench: BenchConfig, steps: int) -> TrainConfig:
@@ -224,7 +233,7 @@ def time_to_accuracy(bench: BenchConfig) -> dict:
     for method in ("full", "prefix"):
         argv = ("tune", "--base", "-", "--task", TUNE_TASK, "--method", method)
         cfg = cli_config(*argv, lr=DEFAULT_LR[method], weight_decay=DEFAULT_WEIGHT_DECAY[method])
-        runs[method] = tune(model, get_task(TUNE_TASK), method, cfg)[1]
+        runs[method] = tune(model, get_task(TUNE_TASK), adapter_config(method), cfg)[1]
     total = time.perf_counter() - start
     return {
         "runs": {

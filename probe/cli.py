@@ -17,11 +17,20 @@ from pathlib import Path
 
 import torch
 
-from probe.adapters import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, METHODS, Tuned, load_adapter, tune
+from probe.adapters import METHODS, Tuned, adapter_config, load_adapter
 from probe.hf import MissingExtraError
 from probe.io import check_target
 from probe.model import PRESETS, ModelConfig, Transformer, preset
-from probe.train import TrainConfig, TrainingDiverged, check_fits, evaluate, pretrain
+from probe.train import (
+    DEFAULT_LR,
+    DEFAULT_WEIGHT_DECAY,
+    TrainConfig,
+    TrainingDiverged,
+    check_fits,
+    evaluate,
+    pretrain,
+    tune,
+)
 from tasks import get_task, list_tasks, task_source
 from tasks.sources import import_source
 
@@ -85,7 +94,7 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
         default=lr,
         help="peak learning rate (default %(default)s)"
         if lr
-        else "peak learning rate (default: the method's, see probe.adapters.DEFAULT_LR)",
+        else "peak learning rate (default: the method's, see probe.train.DEFAULT_LR)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=batch_size, help="default %(default)s"
@@ -95,7 +104,7 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
         type=float,
         default=None,
         help="AdamW's decoupled weight decay on matrices (default: 0.1 to pretrain; the "
-        "method's to tune, see probe.adapters.DEFAULT_WEIGHT_DECAY)",
+        "method's to tune, see probe.train.DEFAULT_WEIGHT_DECAY)",
     )
     p.add_argument("--seed", type=int, default=0, help="data, dropout and init seed")
     p.add_argument(
@@ -214,7 +223,7 @@ def cmd_pretrain(args) -> int:
     model = Transformer(model_config(args.preset, args.config, args.set))
     result = pretrain(task, model, train_config(args))
     model.save(args.out, args.overwrite)
-    n = sum(p.numel() for p in model.parameters())
+    n = model.n_params
     changes = [*([args.config] if args.config else []), *args.set]
     shape = f" ({' '.join(changes)})" if changes else ""
     print(
@@ -235,13 +244,14 @@ def cmd_tune(args) -> int:
     check_target(args.out, args.overwrite)  # before training, not after
     base = Transformer.load(args.base, args.device)
     task = get_task(args.task)
-    hparams = {k: v for k, v in (("length", args.length), ("rank", args.rank)) if v is not None}
+    options = {k: v for k, v in (("length", args.length), ("rank", args.rank)) if v is not None}
     if args.targets:
-        hparams["targets"] = args.targets.split(",")
+        options["targets"] = args.targets.split(",")
     if args.init:
-        hparams["init"] = args.init
+        options["init"] = args.init
+    config = adapter_config(args.method, **options)  # refuses options the method does not take
     cfg = train_config(args, DEFAULT_LR[args.method], DEFAULT_WEIGHT_DECAY[args.method])
-    adapter, result = tune(base, task, args.method, cfg, **hparams)
+    adapter, result = tune(base, task, config, cfg)
     adapter.save(args.out, base, args.overwrite)
     print(
         f"tuned {args.method} ({adapter.n_params:,} parameters, {adapter.share(base):.2%} of the "
@@ -290,10 +300,7 @@ def row_names(paths: list[str]) -> list[str]:
 
 def cmd_check_theorem(args) -> int:
     """Check the attention-bias theorem on a base model with an adapter or a fine-tuned copy."""
-    from pathlib import Path
-
     from probe import hf, probes
-    from probe.adapters import Tuned, load_adapter
     from tasks import test_set
 
     if hf.is_hf_model_dir(args.base):  # a Hugging Face model: probe.hf (needs the hf extra)
@@ -319,50 +326,38 @@ def cmd_check_theorem(args) -> int:
         )
         header = f"{args.base} with {run.what}: {inputs}, {run.records[0].q.dtype}"
         header += f"\n{run.positions}"
-        return print_theorem_check(header, run.result, run.records, run.frozen)
+        return print_theorem_check(header, run.result)
 
-    base = Transformer.load(args.base, args.device).eval()
+    base = Transformer.load(args.base, args.device)
     # An adapter is checked against the base's fingerprint as saved, so load it before the cast.
-    is_model = args.adapter is not None and (Path(args.adapter) / "config.json").exists()
-    adapter = None if args.adapter is None or is_model else load_adapter(args.adapter, base)
+    if args.adapter is None:
+        tuned = None
+    elif (Path(args.adapter) / "config.json").exists():  # a saved Transformer: fine-tuned
+        tuned = Transformer.load(args.adapter, args.device)
+        if tuned.cfg != base.cfg:
+            raise ValueError(f"{args.adapter} has another shape than the base model {args.base}")
+        what = "a fine-tuned model"
+    else:
+        tuned = load_adapter(args.adapter, base)
+        what = f"a {tuned.method} adapter"
     if args.dtype:
         base = base.to(getattr(torch, args.dtype))
     task = get_task(args.task)
     check_fits(base, task)
     tokens = test_set(task, args.n, args.seed).tokens[:, :-1].to(args.device)
-    _, base_cache = base.run_with_cache(tokens)
-    weights, prompt_len = {}, 0  # the tuned model's changed weights; soft prompt length
-    if args.adapter is None:
+    if tuned is None:
+        _, cache = base.run_with_cache(tokens)
         g = torch.Generator().manual_seed(args.seed)
-        prefix = probes.random_prefix(base_cache, base.cfg.n_layers, args.prefix_len, g)
-        _, cache = base.run_with_cache(tokens, prefix=prefix)
+        tuned = probes.random_prefix(cache, base.cfg.n_layers, args.prefix_len, g)
         what = f"a random key/value prefix, P={args.prefix_len}"
-    elif is_model:  # a saved Transformer: fine-tuned
-        tuned = Transformer.load(args.adapter, args.device).to(base.W_E.dtype).eval()
-        if tuned.cfg != base.cfg:
-            raise ValueError(f"{args.adapter} has another shape than the base model {args.base}")
-        _, cache = tuned.run_with_cache(tokens)
-        weights, what = dict(tuned.named_parameters()), "a fine-tuned model"
-    else:
-        adapter = adapter.to(base.W_E.dtype)
-        _, cache = Tuned(base).add("adapter", adapter).eval().run_with_cache(tokens)
-        weights, what = adapter.weights(base), f"a {adapter.method} adapter"
-        prompt = adapter.prompt(base)
-        prompt_len = 0 if prompt is None else prompt.shape[-2]
-    W_O = [weights.get(f"blocks.{i}.attn.W_O", b.attn.W_O) for i, b in enumerate(base.blocks)]
-    records = probes.records_from_cache(base, cache, W_O, prompt_len)
-    frozen = probes.frozen_head_layers(base, weights)
-    expected = [r.P > 0 and f for r, f in zip(records, frozen, strict=True)]
-    result = probes.check_theorem(
-        records, probes.records_from_cache(base, base_cache), expected, args.tol_factor
-    )
-
+    result = probes.check_tuned(base, tuned, tokens, args.tol_factor)
     header = f"{args.base} with {what}: {args.n} {task.name} inputs, {base.W_E.dtype}"
-    return print_theorem_check(header, result, records, frozen)
+    return print_theorem_check(header, result)
 
 
-def print_theorem_check(header: str, result, records, frozen) -> int:
-    """Print check-theorem's table; 1 if an expected identity failed, else 0."""
+def print_theorem_check(header: str, result) -> int:
+    """Print check-theorem's table; 1 if an expected identity failed, else 0. The per-head
+    column and the exit status both follow ``TheoremCheck.failures`` (a NaN error fails)."""
     print(header)
     print(
         "layer head   P  alpha  pattern_err (tol)    z_err (tol)        check  "
@@ -371,8 +366,7 @@ def print_theorem_check(header: str, result, records, frozen) -> int:
     for row in result.rows():
         check = "-"
         if row["identity_expected"]:
-            bad = row["pattern_error"] > row["pattern_tol"] or row["z_error"] > row["z_tol"]
-            check = "FAIL" if bad or row["alpha_error"] > row["pattern_tol"] else "ok"
+            check = "FAIL" if result.failures(row["layer"], row["head"]) else "ok"
         print(
             f"{row['layer']:5d} {row['head']:4d} {row['P']:3d} {row['alpha_mean']:6.3f}  "
             f"{row['pattern_error']:.1e} ({row['pattern_tol']:.0e})  "
@@ -383,10 +377,14 @@ def print_theorem_check(header: str, result, records, frozen) -> int:
     failures = result.failures()
     for line in failures:
         print(f"identity failed: {line}")
-    changed = [r.layer for r, f in zip(records, frozen, strict=True) if r.P and not f]
+    changed = [
+        d.layer
+        for d, ok in zip(result.decompositions, result.expected, strict=True)
+        if d.P and not ok
+    ]
     if changed:
         print(f"layers {changed}: a prefix, but ln1/W_Q/W_K/W_V changed too: no identity applies")
-    if not any(r.P for r in records):
+    if not any(d.P for d in result.decompositions):
         print("no prefix, so no identity applies: drift and rank only")
     return 1 if failures else 0
 

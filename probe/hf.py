@@ -261,8 +261,14 @@ def _peft_type(pm: Any) -> str:
 
 
 def is_peft_adapter_dir(path: str | Path) -> bool:
-    """True if ``path`` is a directory holding a saved PEFT adapter (``adapter_config.json``)."""
-    return (Path(path) / "adapter_config.json").is_file()
+    """True if ``path`` is a directory holding a saved PEFT adapter: an ``adapter_config.json``
+    with PEFT's ``peft_type``. Our own adapters use the same file name but have a ``format``
+    field and no ``peft_type``, so the two never get confused. Needs no optional package."""
+    try:
+        meta = json.loads((Path(path) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "peft_type" in meta and "format" not in meta
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
@@ -551,10 +557,12 @@ def _fresh_cache(prefix: Sequence[KVPrefix], rows: slice | None = None):
 
 
 @torch.no_grad()
-def prompt_to_prefix(
+def positioned_prompt_to_prefix(
     model: nn.Module, prompt: Float[Tensor, "... P d_model"], batch: int = 1
 ) -> list[KVPrefix]:
-    """Convert a soft prompt into the exactly equivalent per-layer key/value prefix.
+    """Convert a soft prompt into the exactly equivalent per-layer key/value prefix of an HF
+    model, the prompt taking positions 0..P-1 (unlike ``probe.adapters.prompt_to_prefix``, whose
+    prompt takes no positional slot in our model).
 
     The virtual tokens are run alone through ``model`` at positions 0..P-1 (where PEFT prompt
     tuning puts them; GPT-2 adds the position embedding, rotary models rotate their keys there).
@@ -616,9 +624,9 @@ def hf_prefix(model: nn.Module, prefix: Any, batch: int) -> list[KVPrefix]:
         if kind in PREFIX_PEFT_TYPES:
             kv = _cache_to_kv(prompt)
         else:
-            kv = prompt_to_prefix(model, prompt, batch)
+            kv = positioned_prompt_to_prefix(model, prompt, batch)
     elif isinstance(prefix, Tensor):
-        kv = prompt_to_prefix(model, prefix, batch)
+        kv = positioned_prompt_to_prefix(model, prefix, batch)
     elif hasattr(prefix, "layers") and not isinstance(prefix, Sequence):
         kv = _cache_to_kv(prefix)
     elif isinstance(prefix, Sequence) and not isinstance(prefix, str):
@@ -1133,7 +1141,7 @@ def _check_hf(
     verify,
     chunk=None,
 ) -> HFCheck:
-    from probe.probes import TheoremCheck
+    from probe.probes import TheoremCheck, identities_expected
 
     pieces = list(tokens) if not isinstance(tokens, Tensor) else None
     first = pieces[0] if pieces else tokens
@@ -1169,7 +1177,6 @@ def _check_hf(
         _run(s, t, offset, rows, on_record)
     with _small_linalg():
         merged = [acc.result(i) for i, acc in enumerate(accs)]
-    expected = [s.P > 0 and f for f in s.frozen]
     result = TheoremCheck(
         decompositions=[m[0] for m in merged],
         local=[m[1] for m in merged],
@@ -1177,7 +1184,7 @@ def _check_hf(
         subspaces=[m[3] for m in merged],
         pattern_tol=[a.p_tol for a in accs],
         z_tol=[a.z_tol for a in accs],
-        expected=expected,
+        expected=identities_expected([s.P] * n_layers, s.frozen),
     )
     return HFCheck(result, s.what, kept, list(s.frozen), _positions(s, offset, first.shape[1]))
 
@@ -1203,9 +1210,11 @@ def _first_row(rec: AttentionRecord) -> AttentionRecord:
     return r
 
 
-def frozen_head_layers_hf(base: nn.Module, tuned: nn.Module) -> list[bool]:
+def hf_frozen_head_layers(base: nn.Module, tuned: nn.Module) -> list[bool]:
     """Per layer, whether ``tuned`` (an HF model or a LoRA PeftModel) applies exactly ``base``'s
-    head input side (norm, W_Q, W_K, W_V and biases); only there must the identities hold."""
+    head input side (norm, W_Q, W_K, W_V and biases); only there must the identities hold.
+    The HF counterpart of ``probe.probes.frozen_head_layers``, which compares our model's
+    weights by name instead of two models' modules."""
     _check_pair(base, _hf_model(tuned))
     return _frozen_layers(base, _hf_model(tuned))
 
@@ -1397,8 +1406,8 @@ __all__ = [
     "check_hf_dirs",
     "check_theorem_dirs",
     "chunk_size",
-    "frozen_head_layers_hf",
     "hf_cache",
+    "hf_frozen_head_layers",
     "hf_prefix",
     "hf_records",
     "hf_records_from_dirs",
@@ -1408,7 +1417,7 @@ __all__ = [
     "load_hf_model",
     "load_peft_adapter",
     "MissingExtraError",
-    "prompt_to_prefix",
+    "positioned_prompt_to_prefix",
     "require_hf",
     "tokenize_texts",
     "verify_hf",

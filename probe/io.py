@@ -30,13 +30,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 MODEL_FORMAT = "prefix-probe-model/1"
-ADAPTER_FORMAT = "prefix-probe-adapter/1"
-# What a directory of ours holds: its JSON file -> (format, every file it may contain).
+# /2 keeps the adapter's typed config under "config"; /1 had the same fields under "hparams".
+ADAPTER_FORMAT = "prefix-probe-adapter/2"
+ADAPTER_FORMATS = (ADAPTER_FORMAT, "prefix-probe-adapter/1")  # what loads
+# What a directory of ours holds: its JSON file -> (kind, formats, every file it may contain).
 SAVED_KINDS = {
-    "config.json": ("model", MODEL_FORMAT, {"config.json", "model.safetensors"}),
+    "config.json": ("model", (MODEL_FORMAT,), {"config.json", "model.safetensors"}),
     "adapter_config.json": (
         "adapter",
-        ADAPTER_FORMAT,
+        ADAPTER_FORMATS,
         {"adapter_config.json", "adapter.safetensors"},
     ),
 }
@@ -107,13 +109,13 @@ def saved_kind(path: Path) -> str | None:
     if not path.is_dir() or path.is_symlink():
         return None
     names = {p.name for p in path.iterdir()}
-    for meta_file, (kind, fmt, allowed) in SAVED_KINDS.items():
+    for meta_file, (kind, formats, allowed) in SAVED_KINDS.items():
         if meta_file in names and names <= allowed:
             try:
                 meta = json.loads((path / meta_file).read_text())
             except (OSError, ValueError):
                 return None
-            return kind if isinstance(meta, dict) and meta.get("format") == fmt else None
+            return kind if isinstance(meta, dict) and meta.get("format") in formats else None
     return None
 
 
@@ -186,11 +188,13 @@ def save_dir(
     jsons: dict[str, dict],
     overwrite: bool = False,
 ) -> Path:
-    """Atomically create directory ``path`` holding safetensors and JSON files.
+    """Create directory ``path`` holding safetensors and JSON files, written in a temporary
+    sibling first: a new ``path`` appears in one rename; replacing an existing directory of ours
+    (only with ``overwrite``) takes two, the old one moved aside and the new one moved in (a
+    crash between them is repaired by the next save; see the module docstring).
 
     Refuses (before writing anything) non-finite tensors (:class:`NonFiniteError`) and a target
-    that :func:`check_target` refuses; an existing directory of ours is replaced only with
-    ``overwrite``.
+    that :func:`check_target` refuses.
     """
     path = Path(path)
     for name, state in tensors.items():
@@ -240,18 +244,22 @@ def umask() -> int:
         return mask
 
 
-def read_json(path: Path, expect_format: str, required: dict[str, type] | None = None) -> dict:
-    """Read a JSON file whose ``format`` field must equal ``expect_format`` and whose
-    ``required`` keys must be present with the given types."""
+def read_json(
+    path: Path, expect_format: str | tuple[str, ...], required: dict[str, type] | None = None
+) -> dict:
+    """Read a JSON file whose ``format`` field must be ``expect_format`` (or one of several)
+    and whose ``required`` keys must be present with the given types."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; expected a directory written by save()")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"{path} is not valid JSON ({e}); the save is corrupt") from None
-    if not isinstance(meta, dict) or meta.get("format") != expect_format:
+    formats = (expect_format,) if isinstance(expect_format, str) else expect_format
+    if not isinstance(meta, dict) or meta.get("format") not in formats:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CorruptFileError(f"{path}: format {got!r}, expected {expect_format!r}")
+        want = " or ".join(repr(f) for f in formats)
+        raise CorruptFileError(f"{path}: format {got!r}, expected {want}")
     for key, kind in (required or {}).items():
         if key not in meta:
             raise CorruptFileError(f"{path} lacks the key {key!r}; the save is corrupt: re-save")

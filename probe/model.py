@@ -14,7 +14,8 @@ Readable in one sitting (after nanoGPT), with TransformerLens's hook names and w
 
 The one mechanism every tuning method reduces to is the per-layer prefix: P extra key/value
 positions per head, placed before the content keys. Prefix positions take no positional slot, so
-content positions stay 0..T-1 and content queries/keys are identical with and without a prefix.
+content positions stay 0..T-1 and layer 0's content queries, keys and values are identical with
+and without a prefix; from layer 1 on they differ, since the prefix changed the layers below.
 
 Modes: a model is built and loaded in eval mode (no dropout), ready to be probed; the training
 loop (:func:`probe.train.train`) puts what it trains in training mode while it steps and back in
@@ -189,11 +190,13 @@ class Attention(nn.Module):
         for name in ("q", "k", "v", "prefix_k", "prefix_v", "attn_scores", "pattern", "z"):
             setattr(self, f"hook_{name}", HookPoint())
 
-    def keys_values(
-        self, x: Float[Tensor, "... pos d_model"]
-    ) -> tuple[Float[Tensor, "... pos head d_head"], Float[Tensor, "... pos head d_head"]]:
-        """This head's keys and values of (already normalised) residual vectors ``x``."""
-        return _project(x, self.W_K, self.b_K), _project(x, self.W_V, self.b_V)
+    def project(self, x: Float[Tensor, "... pos d_model"], parts: str = "qkv") -> list[Tensor]:
+        """Queries, keys and/or values of (already normalised) residual vectors ``x``, one
+        [..., pos, head, d_head] tensor per letter of ``parts`` ("qkv", "kv", "k", ...), computed
+        in one matmul over the chosen weights (TransformerLens layout [head, d_model, d_head])."""
+        W = [getattr(self, f"W_{p.upper()}") for p in parts]
+        b = [getattr(self, f"b_{p.upper()}") for p in parts]
+        return list(_project(x, torch.cat(W), torch.cat(b)).chunk(len(parts), dim=-2))
 
     def forward(
         self,
@@ -203,9 +206,7 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch query d_model"]:
         """Attention output at the ``queries`` positions of ``x`` (default: all of them)."""
         batch, T, _ = x.shape
-        # Queries, keys and values in one matmul: heads [Q..., K..., V...].
-        W = torch.cat([self.W_Q, self.W_K, self.W_V])
-        q, k, v = _project(x, W, torch.cat([self.b_Q, self.b_K, self.b_V])).chunk(3, dim=-2)
+        q, k, v = self.project(x)
         q, k, v = self.hook_q(q[:, queries]), self.hook_k(k), self.hook_v(v)
         P = 0
         if prefix is not None:
@@ -437,13 +438,19 @@ class Transformer(HookedRootModule):
     def device(self) -> torch.device:
         return self.W_E.device
 
+    @property
+    def n_params(self) -> int:
+        """Number of weights (every parameter, trainable or not)."""
+        return sum(p.numel() for p in self.parameters())
+
     def fingerprint(self) -> str:
         """Short hash of the weights; adapters record it and refuse another base model."""
         return io.fingerprint(self.state_dict())
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write ``path/model.safetensors`` and ``path/config.json`` atomically; an existing
-        model or adapter at ``path`` is replaced only with ``overwrite`` (see ``io.save_dir``).
+        """Write ``path/model.safetensors`` and ``path/config.json`` with :func:`io.save_dir`
+        (never half-written); an existing model or adapter at ``path`` is replaced only with
+        ``overwrite``.
 
         config.json also records :func:`environment` (thread count, device, torch version):
         trained weights depend on them, so two saves can be compared knowingly.
@@ -488,7 +495,3 @@ def environment(device: torch.device | str) -> dict:
     the order of floating-point reductions, and so the weights, depends on it on CPU.
     """
     return {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__}
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -1,8 +1,31 @@
-"""Attention-bias probes: read recorded attention and test the prefix theorem (DESIGN.md, s. 1).
+"""Attention-bias probes: what a key/value prefix does to a frozen attention head, measured.
 
-The probes read :class:`AttentionRecord` s (one layer's recorded attention for a batch of inputs,
-plain tensors), so the same code serves our :class:`~probe.model.Transformer` and HF models.
-Build records from a TransformerLens-style cache with :func:`records_from_cache`, then:
+The theorem. Take one head and one query position i with scores s_j = q_i . k_j / sqrt(d_head)
+over its visible content keys j <= i, and put P prefix keys K_p (values V_p) before them, with
+scores s_p = q_i . K_p / sqrt(d_head). The softmax over [prefix; content] splits in two:
+
+    softmax([s_p; s_j]) = [alpha beta_p; (1 - alpha) A_ij],  alpha = sigmoid(lse_p s_p - lse_j s_j)
+
+because exp(s_p) / Z = (Z_prefix / Z) (exp(s_p) / Z_prefix) and exp(s_j) / Z =
+(Z_content / Z) (exp(s_j) / Z_content), with Z = Z_prefix + Z_content: beta = softmax over the
+prefix scores, A = softmax over the content scores alone, alpha = Z_prefix / Z the prefix's share.
+Weighting the values with it, the head's output is
+
+    z_i = (1 - alpha_i) sum_j A_ij v_j + alpha_i sum_p beta_ip V_p.
+
+Premise: the head is frozen (its ln1, W_Q, W_K, W_V are the base model's), so q, k, v and hence
+A are exactly what the base head computes from the same layer input. Then a prefix can only
+scale the head's own output down by (1 - alpha) and add a bias alpha sum_p beta_p V_p from a
+P-dimensional span: the relative attention among content positions is unchanged at every layer
+(local drift 0), the added part has rank <= P after W_O, and later layers move only because
+their inputs do (downstream drift). A soft prompt acts as such a prefix at every layer
+(``adapters.prompt_to_prefix``); LoRA on W_Q/W_K/W_V and full fine-tuning break the premise, and
+the check says at which layers (:func:`frozen_head_layers`).
+
+One call checks a tuned model, :func:`check_tuned` (base, adapter or fine-tuned copy or raw
+prefix, tokens), on our :class:`~probe.model.Transformer` or a Hugging Face model. Underneath,
+the probes read :class:`AttentionRecord` s (one layer's recorded attention for a batch of inputs,
+plain tensors), so the same code serves both. From records (:func:`records_from_cache`):
 
     decompose(record)                  alpha, beta, bias term, prefix-free pattern A, and the
                                        reconstruction errors of both identities of the theorem
@@ -23,13 +46,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import einsum
 from jaxtyping import Bool, Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
-from probe.model import KVPrefix, Transformer
+from probe.model import KVPrefix, Transformer, eval_mode
+
+if TYPE_CHECKING:
+    from probe.adapters import Adapter
 
 
 @dataclass
@@ -113,8 +140,7 @@ def records_from_cache(
         name = f"blocks.{layer}.attn.hook_"
         x = block.ln1(cache[f"blocks.{layer}.hook_resid_pre"][:, S:])
         attn = block.attn
-        q_frozen = einsum(x, attn.W_Q, "b p d, h d e -> b p h e") + attn.b_Q
-        k_frozen, v_frozen = attn.keys_values(x)
+        q_frozen, k_frozen, v_frozen = attn.project(x)
         k, v = cache[name + "k"], cache[name + "v"]
         prefix_k = cache[name + "prefix_k"] if name + "prefix_k" in cache.keys() else None
         prefix_v = cache[name + "prefix_v"] if name + "prefix_v" in cache.keys() else None
@@ -162,16 +188,24 @@ def prefix_free_pattern(
     return s.softmax(-1)
 
 
-def relative_attention(
-    record: AttentionRecord,
-) -> tuple[Float[Tensor, "b h T T"], Bool[Tensor, "b h T"]]:
-    """The recorded pattern's content block renormalised to sum to 1 per query, and a mask of
-    the query rows where that is observable (content mass a normal float; when a prefix takes
-    all but e.g. 1e-320 of the attention, relative content attention is lost to underflow)."""
-    content = record.pattern[..., record.P :]
+def content_attention(
+    pattern: Float[Tensor, "... T PT"], P: int
+) -> tuple[Float[Tensor, "... T T"], Bool[Tensor, "... T"]]:
+    """A pattern's content block (columns after the P prefix columns) renormalised to sum to 1
+    per query, and a mask of the query rows where that is observable (content mass a normal
+    float; when a prefix takes all but e.g. 1e-320 of the attention, relative content attention
+    is lost to underflow, and such rows come back near 0 instead of NaN)."""
+    content = pattern[..., P:]
     mass = content.sum(-1)
     observable = mass > torch.finfo(mass.dtype).tiny
     return content / mass.clamp_min(torch.finfo(mass.dtype).tiny)[..., None], observable
+
+
+def relative_attention(
+    record: AttentionRecord,
+) -> tuple[Float[Tensor, "b h T T"], Bool[Tensor, "b h T"]]:
+    """:func:`content_attention` of a record's pattern: [b, h, T, T] and the observable rows."""
+    return content_attention(record.pattern, record.P)
 
 
 # ---------------------------------------------------------------------------- decomposition
@@ -179,7 +213,8 @@ def relative_attention(
 
 @dataclass
 class Decomposition:
-    """The theorem's decomposition of one layer (DESIGN.md s. 1) and how well it reconstructs.
+    """The theorem's decomposition of one layer (see the module docstring) and how well it
+    reconstructs the recorded pattern and head output.
 
     alpha:    [b, h, T]     prefix attention mass, from the SCORES (logsumexp of the prefix
                             scores vs the content scores), never read off the pattern
@@ -473,19 +508,19 @@ class TheoremCheck:
     z_tol: list[float]
     expected: list[bool]
 
-    def failures(self) -> list[str]:
-        """A line per (layer, head, identity) beyond tolerance where the identity is expected."""
+    def failures(self, layer: int | None = None, head: int | None = None) -> list[str]:
+        """A line per (layer, head, identity) beyond tolerance where the identity is expected
+        (only ``layer`` / ``head`` if given). NaN errors fail. The one pass rule: ``ok``, the
+        CLI's per-head column and its exit status all come from here."""
         out = []
-        for d, p_tol, z_tol, expected in zip(
-            self.decompositions, self.pattern_tol, self.z_tol, self.expected, strict=True
-        ):
-            if not expected:
+        for i, d in enumerate(self.decompositions):
+            if not self.expected[i] or layer not in (None, d.layer):
                 continue
-            for h in range(d.pattern_error.shape[0]):
+            for h in range(d.pattern_error.shape[0]) if head is None else [head]:
                 for what, err, tol in (
-                    ("pattern", d.pattern_error[h].item(), p_tol),
-                    ("alpha", d.alpha_error[h].item(), p_tol),
-                    ("z", d.z_error[h].item(), z_tol),
+                    ("pattern", d.pattern_error[h].item(), self.pattern_tol[i]),
+                    ("alpha", d.alpha_error[h].item(), self.pattern_tol[i]),
+                    ("z", d.z_error[h].item(), self.z_tol[i]),
                 ):
                     if not err <= tol:  # also catches NaN
                         out.append(f"layer {d.layer} head {h}: {what} error {err:.3g} > {tol:.3g}")
@@ -530,9 +565,8 @@ def check_theorem(
     bias subspace, and compare the identity errors with :func:`tolerances`.
 
     expected: per layer, whether the identities must hold. Default: where the layer has a prefix.
-    Pass False for layers whose ln1, W_Q, W_K or W_V the tuning changed (LoRA, a prefix + LoRA
-    hybrid): the theorem says nothing there; their errors are still reported (see
-    :func:`frozen_head_layers`).
+    Pass :func:`identities_expected` for a tuning that may have changed ln1, W_Q, W_K or W_V
+    (LoRA, a prefix + LoRA hybrid): the theorem says nothing there; errors are still reported.
     """
     if expected is None:
         expected = [r.P > 0 for r in records]
@@ -552,10 +586,67 @@ def check_theorem(
     )
 
 
+def identities_expected(prefix_lengths: Sequence[int], frozen: Sequence[bool]) -> list[bool]:
+    """Per layer, whether the theorem's identities must hold: the premise, a prefix (P > 0)
+    meeting a frozen head (ln1, W_Q, W_K, W_V unchanged; :func:`frozen_head_layers`)."""
+    return [P > 0 and f for P, f in zip(prefix_lengths, frozen, strict=True)]
+
+
+@torch.no_grad()
+def check_tuned(
+    base: nn.Module,
+    tuned: Adapter | Transformer | Sequence[KVPrefix] | Any,
+    tokens: Int[Tensor, "batch pos"],
+    tol_factor: float = 16.0,
+) -> TheoremCheck:
+    """The theorem's check of a tuned model on ``tokens``: every probe at every layer, the
+    identities demanded where a prefix meets a frozen head (:func:`identities_expected`).
+
+    base: the frozen base :class:`~probe.model.Transformer`, in the dtype to check in (float64
+        for the tightest tolerances).
+    tuned: an adapter of ``probe.adapters`` trained on ``base``; a fine-tuned copy of ``base``
+        (a Transformer of the same shape); or a raw prefix, one :class:`KVPrefix` per layer.
+        Adapters and copies run in ``base``'s dtype (cast in place).
+    tokens: [batch, T] content token ids.
+
+    A Hugging Face ``base`` goes to :func:`probe.hf.check_hf` (the same checks in chunks, at
+    the model's memory), ``tuned`` then being a PEFT model, a fine-tuned HF model, a PEFT adapter
+    directory or a raw prefix.
+    """
+    if not isinstance(base, Transformer):
+        from probe import hf
+
+        how = "tuned_model" if isinstance(tuned, nn.Module) else "prefix"
+        return hf.check_hf(base, tokens, **{how: tuned}, tol_factor=tol_factor)
+    from probe.adapters import Adapter, Tuned
+
+    dtype = base.W_E.dtype
+    weights, prompt_len = {}, 0  # the tuned model's changed weights; soft prompt length
+    with eval_mode(base, *([tuned] if isinstance(tuned, nn.Module) else [])):
+        _, base_cache = base.run_with_cache(tokens)
+        if isinstance(tuned, Adapter):
+            adapter = tuned.to(dtype)
+            _, cache = Tuned(base).add("adapter", adapter).run_with_cache(tokens)
+            weights, prompt = adapter.weights(base), adapter.prompt(base)
+            prompt_len = 0 if prompt is None else prompt.shape[-2]
+        elif isinstance(tuned, Transformer):
+            if tuned.cfg != base.cfg:
+                raise ValueError("the fine-tuned model has another shape than the base model")
+            _, cache = tuned.to(dtype).run_with_cache(tokens)
+            weights = dict(tuned.named_parameters())
+        else:
+            _, cache = base.run_with_cache(tokens, prefix=tuned)
+    W_O = [weights.get(f"blocks.{i}.attn.W_O", b.attn.W_O) for i, b in enumerate(base.blocks)]
+    records = records_from_cache(base, cache, W_O, prompt_len)
+    expected = identities_expected([r.P for r in records], frozen_head_layers(base, weights))
+    return check_theorem(records, records_from_cache(base, base_cache), expected, tol_factor)
+
+
 def frozen_head_layers(base: Transformer, weights: Mapping[str, Tensor]) -> list[bool]:
     """Per layer, whether the tuned weights (full names -> tensors, e.g. ``Adapter.weights`` or
     a fine-tuned model's state dict) leave the head's input side exactly as in ``base``:
-    ln1, W_Q, W_K, W_V and their biases. W_O and everything else may differ."""
+    ln1, W_Q, W_K, W_V and their biases. W_O and everything else may differ. (For HF models,
+    which are compared module by module: ``probe.hf.hf_frozen_head_layers``.)"""
     params = dict(base.named_parameters())
     frozen = []
     for layer in range(base.cfg.n_layers):

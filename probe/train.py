@@ -1,7 +1,8 @@
 """One training loop for every tuning method, plus exact-match evaluation.
 
-A method is just (a forward function, the parameters it trains). Pretraining passes the model
-itself; adapters pass their own forward over a frozen base and only their parameters.
+A method is just (a forward function, the parameters it trains). Pretraining (:func:`pretrain`)
+passes the model itself; tuning (:func:`tune`) passes an adapter's forward over the frozen base
+and only the adapter's parameters, at the method's :data:`DEFAULT_LR` unless told otherwise.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +19,12 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from probe.adapters import Adapter, AdapterConfig
+from probe.model import Transformer
 from tasks import Batch, Task, test_set
 
-# One fused kernel steps every parameter (torch >= 2.4 on CPU): 3-8x faster than the loop.
+# One fused kernel steps every parameter (torch >= 2.4 on CPU): 2-8x faster than the
+# per-parameter loop (01: 1.16 -> 0.15 ms, 03: 8.2 -> 4.4 ms per step).
 FUSED_ADAMW = torch.__version__ >= "2.4"
 EVAL_CHUNK = 256  # sequences per forward pass in evaluate()
 
@@ -104,6 +109,50 @@ def pretrain(task: Task, model, cfg: TrainConfig):
     check_fits(model, task)
     model.to(cfg.device)
     return train(model, model.parameters(), task, cfg, modules=[model])
+
+
+# Measured, not chosen, except where said. Prefix-like methods: on the quick profile (mix4
+# base -> add1, P=1, 3 seeds) prefix reached 37 / 87 / 99% at lr 1e-3 / 1e-2 / 1e-1, and 1e-1
+# freed two paper-02 prefixes that stalled at 1e-2; on the composition sort_asc_add1 (P=10)
+# 1e-1 is the fastest of 1e-2..3e-1 (figures/recipes.md). LoRA: B starts at zero, so its
+# updates start small; on sort_asc -> reverse, rank 4 on W_Q/K/V/O reached 0 / 14 / 93% in 300
+# steps at 3e-3 / 1e-2 / 3e-2 (figures/recipes.md). prefix+lora takes LoRA's rate (chosen).
+# Full fine-tuning's 1e-3 is chosen (the sweeps show 1e-4..1e-2 all reach 100% on add1).
+DEFAULT_LR = {
+    "prefix": 1e-1,
+    "vt-prefix": 1e-1,
+    "prompt": 1e-1,
+    "lora": 3e-2,
+    "full": 1e-3,
+    "prefix+lora": 3e-2,
+}
+
+# Adapters train without weight decay. AdamW's decoupled decay pulls every trained weight
+# towards zero by lr * wd of itself per step: 1% a step for a prefix at lr 0.1, which held the
+# K/V prefix on the composition sort_asc_add1 (P=10, seed 0, 1,000 steps) at 85% where it
+# reaches 99% without (figures/recipes.md). LoRA was unaffected either way (73% / 72% on hist).
+# Full fine-tuning and pretraining keep the usual 0.1 (TrainConfig's default).
+DEFAULT_WEIGHT_DECAY = {
+    "prefix": 0.0,
+    "vt-prefix": 0.0,
+    "prompt": 0.0,
+    "lora": 0.0,
+    "full": 0.1,
+    "prefix+lora": 0.0,
+}
+
+
+def tune(
+    base: Transformer, task: Task, config: AdapterConfig, cfg: TrainConfig
+) -> tuple[Adapter, TrainResult]:
+    """Build the adapter ``config`` describes (seeded by ``cfg.seed``) and train it on ``task``;
+    the base stays bit-identical."""
+    check_fits(base, task)
+    base.to(cfg.device).requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    adapter = config.build(base).to(cfg.device)
+    result = train(partial(adapter, base), adapter.parameters(), task, cfg, modules=[base, adapter])
+    return adapter, result
 
 
 def output_logits(forward: Forward, tokens: Int[Tensor, "batch seq"], task: Task) -> Tensor:

@@ -1,11 +1,39 @@
-"""Shared by the tests: random float64 prefixes and token batches; a run store's bytes."""
+"""Shared by the tests: model shapes (one hypothesis strategy), random float64 prefixes and
+token batches; a run store's bytes."""
 
 import json
 from pathlib import Path
 
 import torch
+from hypothesis import strategies as st
 
-from probe.model import KVPrefix
+from probe.model import KVPrefix, ModelConfig
+
+
+def model_config(n_layers=2, n_heads=2, d_head=8, attn_ln=True, mlp=True) -> ModelConfig:
+    """A dropout-free shape by heads and head width; an MLP of 2 d_model, or none."""
+    d_model = n_heads * d_head
+    return ModelConfig(
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        d_mlp=2 * d_model if mlp else 0,
+        attn_ln=attn_ln,
+        dropout=0.0,
+    )
+
+
+def model_configs(min_d_head: int = 1) -> st.SearchStrategy[ModelConfig]:
+    """Every test's random shapes: 1-3 layers, 1-4 heads of ``min_d_head``-16 dimensions, with
+    and without ln1 and MLP."""
+    return st.builds(
+        model_config,
+        n_layers=st.integers(1, 3),
+        n_heads=st.integers(1, 4),
+        d_head=st.integers(min_d_head, 16),
+        attn_ln=st.booleans(),
+        mlp=st.booleans(),
+    )
 
 
 def random_prefix(model, P, scale=1.0, seed=1, batch=None) -> list[KVPrefix]:

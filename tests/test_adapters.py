@@ -1,24 +1,30 @@
 """Tuning methods as adapters: counts, save/load, switching, freezing, exact conversions."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import model_configs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from probe import io
 from probe.adapters import (
     METHODS,
     LoRA,
+    LoRAConfig,
+    PrefixConfig,
     Tuned,
+    adapter_config,
     load_adapter,
     make_adapter,
     prompt_to_prefix,
-    tune,
     vt_to_prefix,
 )
 from probe.model import ModelConfig, Transformer, preset
-from probe.train import TrainConfig
+from probe.train import TrainConfig, tune
 from tasks import get_task
 
 OPTIONS = {
@@ -94,6 +100,7 @@ def test_prefix_mlp_reparameterisation_is_folded_on_save(tmp_path):
     adapter.save(tmp_path / "a", base)
     loaded = load_adapter(tmp_path / "a", base)
     assert loaded.n_params == 2 * 2 * 2 * 2 * 16  # plain keys and values now
+    assert loaded.config == PrefixConfig(length=2, reparam_hidden=0)
     torch.testing.assert_close(loaded(base, tokens()), adapter(base, tokens()), rtol=0, atol=0)
 
 
@@ -104,6 +111,50 @@ def test_save_load_gives_identical_logits(method, tmp_path):
     adapter.save(tmp_path / method, base)
     loaded = load_adapter(tmp_path / method, base)
     torch.testing.assert_close(loaded(base, tokens()), adapter(base, tokens()), rtol=0, atol=0)
+
+
+# adapter_config.json as the first saved format wrote it: the constructor's keyword arguments
+# under "hparams" (a prefix's MLP already folded), beside the usual provenance fields.
+OLD_HPARAMS = {
+    "prefix": {"length": 3, "reparam_hidden": 0, "init_scale": 1.0},
+    "vt-prefix": {"length": 3},
+    "prompt": {"length": 3, "init": "random"},
+    "lora": {"rank": 2, "targets": OPTIONS["lora"]["targets"], "alpha": 2.0},
+    "full": {},
+    "prefix+lora": {"length": 3, "rank": 2, "targets": ["W_Q", "W_V"], "alpha": 2.0},
+}
+
+
+def write_old_adapter_dir(path, method, base, tensors):
+    """An adapter directory exactly as the first saved format laid it out, written by hand."""
+    path.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "adapter.safetensors")
+    meta = {
+        "format": "prefix-probe-adapter/1",
+        "method": method,
+        "hparams": OLD_HPARAMS[method],
+        "base_fingerprint": base.fingerprint(),
+        "base_config": base.cfg.to_dict(),
+        "n_params": sum(t.numel() for t in tensors.values()),
+        "environment": {"threads": 1, "device": "cpu", "torch": torch.__version__},
+        "checksum": io.fingerprint(tensors),
+    }
+    (path / "adapter_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_adapter_directories_in_the_first_format_still_load(method, tmp_path):
+    base = make_base()
+    adapter = make(method, base)
+    tensors = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+    write_old_adapter_dir(tmp_path / "old", method, base, tensors)
+    loaded = load_adapter(tmp_path / "old", base)
+    assert loaded.method == method and loaded.config == adapter.config
+    torch.testing.assert_close(loaded(base, tokens()), adapter(base, tokens()), rtol=0, atol=0)
+    loaded.save(tmp_path / "new", base)  # rewritten in the current format, same config
+    meta = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert meta["format"] == io.ADAPTER_FORMAT and meta["config"] == OLD_HPARAMS[method]
+    assert load_adapter(tmp_path / "new", base).config == adapter.config
 
 
 def test_loading_onto_another_base_or_a_corrupt_file_fails_and_changes_nothing(tmp_path):
@@ -156,7 +207,7 @@ def test_tuning_trains_only_the_adapter(method):
     base = Transformer(preset("tiny"))  # float32, dropout on: the real training set-up
     before = {k: v.clone() for k, v in base.state_dict().items()}
     cfg = TrainConfig(steps=3, lr=1e-2, batch_size=16, eval_size=64, progress=False)
-    adapter, _ = tune(base, get_task("copy"), method, cfg, **OPTIONS[method])
+    adapter, _ = tune(base, get_task("copy"), adapter_config(method, **OPTIONS[method]), cfg)
     after = base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "base weights changed"
     assert all(p.grad is None for p in base.parameters())
@@ -169,6 +220,42 @@ def test_lora_merge_equals_unmerged_forward():
     lora = make("lora", base)
     assert isinstance(lora, LoRA)
     torch.testing.assert_close(lora.merge(base).double()(tokens()), lora(base, tokens()))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_configs_are_the_constructor_argument_and_the_saved_json(method, tmp_path):
+    base = make_base()
+    config = adapter_config(method, **OPTIONS[method])
+    assert type(config) is METHODS[method].Config and config.method == method
+    assert type(config).from_dict(config.to_dict()) == config  # JSON round trip
+    torch.manual_seed(1)
+    built = METHODS[method](base, config)
+    torch.manual_seed(1)
+    by_name = make_adapter(method, base, **OPTIONS[method])
+    assert built.config == by_name.config == config
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(built.state_dict().values(), by_name.state_dict().values(), strict=True)
+    )
+    built.save(tmp_path / "a", base)
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert meta["config"] == config.to_dict() and "hparams" not in meta
+
+
+def test_configs_are_validated_when_built_and_resolve_their_defaults():
+    assert LoRAConfig(rank=4).alpha == 4.0 and LoRAConfig(targets=["W_Q"]).targets == ("W_Q",)
+    assert adapter_config("prefix+lora", rank=2).lora == LoRAConfig(rank=2, alpha=2.0)
+    for bad in (dict(length=0), dict(length=1.5), dict(reparam_hidden=-1)):
+        with pytest.raises(ValueError):
+            PrefixConfig(**bad)
+    with pytest.raises(ValueError, match="choose from"):
+        LoRAConfig(targets=("W_X",))
+    with pytest.raises(ValueError, match="rank"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="init"):
+        adapter_config("prompt", init="zeros")
+    with pytest.raises(TypeError, match="PrefixConfig"):
+        METHODS["prefix"](make_base(), LoRAConfig())
 
 
 def test_bad_options_name_the_problem():
@@ -185,24 +272,9 @@ def test_bad_options_name_the_problem():
         make_adapter("lora", make_base(d_mlp=0), targets=["W_in"])
 
 
-configs = st.builds(
-    lambda layers, heads, d_head, attn_ln, mlp: ModelConfig(
-        n_layers=layers,
-        n_heads=heads,
-        d_model=heads * d_head,
-        d_mlp=mlp,
-        attn_ln=attn_ln,
-        dropout=0.0,
-    ),
-    st.integers(1, 3),
-    st.integers(1, 4),
-    st.integers(1, 8),
-    st.booleans(),
-    st.sampled_from([0, 16]),
-)
+configs = model_configs()
 
 
-@settings(max_examples=25, deadline=None)
 @given(cfg=configs, P=st.integers(1, 8), T=st.integers(1, 12), seed=st.integers(0, 2**16))
 def test_soft_prompt_converts_exactly_to_a_kv_prefix(cfg, P, T, seed):
     torch.manual_seed(seed)

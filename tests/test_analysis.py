@@ -4,6 +4,7 @@ smoke profile of the experiments end to end."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -45,6 +46,54 @@ def test_run_key_is_stable_across_processes():
     )
     assert out.stdout.strip() == run.key
     assert run.key == Run(**{f.name: getattr(run, f.name) for f in dataclasses.fields(run)}).key
+
+
+# The keys of the quick profile's experiments (every run and the base runs they need, as the
+# store names their directories). Existing stores must keep hitting their cached results, so a
+# change here retrains: make it only on purpose (a new recipe), never as a side effect of a
+# change to Run.spec(). Last changed: adapters' weight decay 0.1 -> 0, new step budgets.
+QUICK_KEYS = {
+    "paper01": "a4b2f08c595f6d3c",
+    "paper02": "4e336fe09fab76b7",
+    "paper03": "6baf672380d0e284",
+    "paper04": "d333733ef2091b92",
+    "study": "65fb87dabd596d5c",
+    "theorem": "da53224655fb0b49",
+    "sweeps": "c3d10d43b27655af",
+    "ledger": "c4bf5b347d2008ae",
+}
+
+
+def _with_bases(experiment_runs: list[Run]) -> dict[str, Run]:
+    out = {}
+    for run in experiment_runs:
+        while run is not None:
+            out[run.key] = run
+            run = run.base
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(QUICK_KEYS))
+def test_quick_profile_run_keys_are_pinned(name):
+    keys = sorted(_with_bases(EXPERIMENTS[name].runs(PROFILES["quick"])))
+    digest = hashlib.sha256(" ".join(keys).encode()).hexdigest()[:16]
+    assert digest == QUICK_KEYS[name], f"{name}: run keys changed; stores would be retrained"
+
+
+def test_known_run_keys_are_pinned():
+    """Three keys written out: a base, a LoRA run on it, a prefix + LoRA run (options as given)."""
+    from analysis.experiments import paper01, study
+
+    quick = PROFILES["quick"]
+    base = paper01.base_runs(quick)[0]
+    lora = study.method_runs(quick, study.MAIN, "lora")[0]
+    hybrid = study.method_runs(quick, study.MAIN, "prefix+lora")[1]
+    assert (base.key, lora.key, hybrid.key) == (
+        "6c752ce7f2f49942",
+        "9548540916a5be06",
+        "2114d642b025aa9c",
+    )
+    assert len(_with_bases([r for e in EXPERIMENTS.values() for r in e.runs(quick)])) == 152
 
 
 CHANGES = {

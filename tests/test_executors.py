@@ -119,7 +119,7 @@ def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
 def test_a_failed_base_blocks_its_adapters_only_and_leaves_a_record(tmp_path):
     store = Store(tmp_path)
     bad, good = broken_base(), tiny(steps=5)
-    adapter = tiny(steps=5, method="prefix", base=bad, options={"prefix_len": 2})
+    adapter = tiny(steps=5, method="prefix", base=bad, options={"length": 2})
     with pytest.raises(RunsFailed, match=r"2 runs did not finish.*\.failed.*--retries") as err:
         run_all([adapter, good], store)
     assert store.done(good) and not store.done(bad) and not store.done(adapter)

@@ -369,6 +369,7 @@ def test_check_hf_confirms_the_theorem(base, tokens, prefix_model, prompt_model,
     assert all(int(s.rank.max()) <= P for s in result.subspaces)
     assert any(int(s.change_rank.max()) > P for s in result.subspaces)  # the rank bound is real
     assert len(result.rows()) == L * H
+    assert probes.check_tuned(base, adapter, tokens).rows() == result.rows()  # the one entry
 
 
 def test_lora_on_q_k_is_detected_as_a_violation(base, tokens, prefix_model, arch):
@@ -476,12 +477,19 @@ def test_saved_adapters_load_and_match(base, tokens, prefix_model, prompt_model,
     assert result.ok and result.expected == [True] * L
 
 
-def test_our_model_dir_is_not_an_hf_dir(tmp_path):
+def test_our_model_and_adapter_dirs_are_not_hf_or_peft_dirs(tmp_path, prefix_model):
+    from probe.adapters import make_adapter
     from probe.model import Transformer, preset
 
-    Transformer(preset("tiny")).save(tmp_path / "ours")
+    ours = Transformer(preset("tiny"))
+    ours.save(tmp_path / "ours")
+    make_adapter("prefix", ours).save(tmp_path / "our_adapter", ours)
     assert not hf.is_hf_model_dir(tmp_path / "ours")
     assert not hf.is_hf_model_dir(tmp_path / "missing")
+    assert not hf.is_peft_adapter_dir(tmp_path / "our_adapter")  # same file name, ours
+    assert not hf.is_peft_adapter_dir(tmp_path / "missing")
+    prefix_model.save_pretrained(tmp_path / "peft")
+    assert hf.is_peft_adapter_dir(tmp_path / "peft")
 
 
 def test_users_models_are_left_untouched(base, tokens, prefix_model, arch, tmp_path):

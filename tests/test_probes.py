@@ -1,19 +1,22 @@
-"""Property tests of the attention-bias theorem (DESIGN.md s. 1) through the probes, in float64.
+"""Property tests of the attention-bias theorem (``probe.probes``' docstring) through the probes,
+in float64.
 
 The probes must confirm the theorem where it holds (prefixes, soft prompts) and must fail where
 it does not (changed W_Q/W_K): a probe that cannot fail is worthless.
 """
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
-from helpers import random_prefix, tokens
-from hypothesis import assume, given, settings
+from helpers import model_config, model_configs, random_prefix, tokens
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from probe import probes
+from probe.adapters import make_adapter, prompt_to_prefix, vt_to_prefix
 from probe.cli import main
 from probe.model import KVPrefix, ModelConfig, Transformer
 
@@ -30,17 +33,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def random_model(n_layers=2, n_heads=2, d_head=8, seed=0, attn_ln=True, mlp=True) -> Transformer:
-    """float64 model with O(1) weights, so attention patterns are far from uniform."""
-    d_model = n_heads * d_head
-    cfg = ModelConfig(
-        n_layers=n_layers,
-        n_heads=n_heads,
-        d_model=d_model,
-        d_mlp=2 * d_model if mlp else 0,
-        attn_ln=attn_ln,
-        dropout=0.0,
-    )
+def random_model(cfg: ModelConfig | None = None, seed: int = 0, **shape) -> Transformer:
+    """float64 model with O(1) weights, so attention patterns are far from uniform; ``cfg`` or
+    a :func:`helpers.model_config` of ``shape`` (2 layers, 2 heads of 8 by default)."""
+    cfg = cfg or model_config(**shape)
+    d_model = cfg.d_model
     torch.manual_seed(seed)
     model = Transformer(cfg).double().eval()
     with torch.no_grad():
@@ -89,22 +86,14 @@ def records(model, x, tuned=None, **run_kwargs):
     )
 
 
-shapes = st.fixed_dictionaries(
-    {
-        "n_layers": st.integers(1, 3),
-        "n_heads": st.integers(1, 4),
-        "d_head": st.integers(2, 16),
-        "attn_ln": st.booleans(),
-        "mlp": st.booleans(),
-        "seed": st.integers(0, 2**16),
-    }
-)
+shapes = model_configs(min_d_head=2)
+seeds = st.integers(0, 2**16)
 
 
-def degenerate(shape) -> bool:
+def degenerate(cfg: ModelConfig) -> bool:
     """LayerNorm of a 2-d vector is (+-w1, -+w2) + b: two possible layer inputs, often one, and
     then no W_Q/W_K change can move attention among identical keys."""
-    return shape["attn_ln"] and shape["n_heads"] * shape["d_head"] == 2
+    return cfg.attn_ln and cfg.d_model == 2
 
 
 # ---------------------------------------------------------------------------- the identities
@@ -112,18 +101,22 @@ def degenerate(shape) -> bool:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    shape=shapes,
+    cfg=shapes,
+    seed=seeds,
     P=st.integers(1, 16),
     T=st.integers(1, 12),
     batch=st.integers(1, 3),
     scale=st.sampled_from([1.0, 30.0, -30.0]),  # typical, dominating, vanishing prefix scores
     per_example=st.booleans(),
 )
-def test_identities_hold_at_every_layer(shape, P, T, batch, scale, per_example):
-    model = random_model(**shape)
+@example(cfg=model_config(), seed=0, P=1, T=1, batch=1, scale=1.0, per_example=False)  # T=1
+@example(cfg=model_config(n_layers=3, mlp=False), seed=1, P=16, T=12, batch=3, scale=30.0,
+         per_example=True)  # fmt: skip
+def test_identities_hold_at_every_layer(cfg, seed, P, T, batch, scale, per_example):
+    model = random_model(cfg, seed)
     per = batch if per_example else None
-    prefix = random_prefix(model, P, scale, seed=shape["seed"], batch=per)
-    tuned, base = records(model, tokens(batch, T, seed=shape["seed"]), prefix=prefix)
+    prefix = random_prefix(model, P, scale, seed=seed, batch=per)
+    tuned, base = records(model, tokens(batch, T, seed=seed), prefix=prefix)
     result = probes.check_theorem(tuned, base)
     assert result.ok, result.failures()
     for r, d, local, down in zip(
@@ -167,7 +160,7 @@ def test_dominating_vanishing_and_underflowing_prefix(scale):
 
 
 def test_alpha_matches_the_theorem_formula_and_first_position():
-    """alpha, beta and A against DESIGN.md s. 1 written out with plain exponentials; at the first
+    """alpha, beta and A against the theorem written out with plain exponentials; at the first
     query the content is one key, so A = 1 and alpha = sum_p e^s_p / (sum_p e^s_p + e^s_00)."""
     model = random_model(n_layers=1)
     x = tokens(batch=2, T=5)
@@ -200,11 +193,11 @@ def test_single_position():
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=shapes, T=st.integers(4, 12), lora=st.booleans())
-def test_changed_queries_keys_show_local_drift(shape, T, lora):
-    assume(not degenerate(shape))
-    model = random_model(**shape)
-    x = tokens(4, T, seed=shape["seed"])
+@given(cfg=shapes, seed=seeds, T=st.integers(4, 12), lora=st.booleans())
+def test_changed_queries_keys_show_local_drift(cfg, seed, T, lora):
+    assume(not degenerate(cfg))
+    model = random_model(cfg, seed)
+    x = tokens(4, T, seed=seed)
     tuned, base = records(model, x, tuned=perturbed(model, ("W_Q", "W_K"), lora=lora))
     result = probes.check_theorem(tuned, base)
     assert result.ok  # no prefix: no identity is expected, drift is reported
@@ -216,14 +209,14 @@ def test_changed_queries_keys_show_local_drift(shape, T, lora):
 
 
 @settings(max_examples=15, deadline=None)
-@given(shape=shapes, T=st.integers(2, 12))
-def test_value_output_changes_do_not_move_the_pattern(shape, T):
+@given(cfg=shapes, seed=seeds, T=st.integers(2, 12))
+def test_value_output_changes_do_not_move_the_pattern(cfg, seed, T):
     """Changing W_V, W_O (and the MLP) moves no pattern given the layer input (local drift 0),
     though the head output changes and later layers' inputs do (downstream drift)."""
-    assume(not degenerate(shape))
-    model = random_model(**shape)
+    assume(not degenerate(cfg))
+    model = random_model(cfg, seed)
     leaves = ("W_V", "b_V", "W_O", "b_O", "W_in", "W_out")
-    tuned, base = records(model, tokens(3, T, seed=shape["seed"]), tuned=perturbed(model, leaves))
+    tuned, base = records(model, tokens(3, T, seed=seed), tuned=perturbed(model, leaves))
     result = probes.check_theorem(tuned, base)
     for r, local, down, d in zip(
         tuned, result.local, result.downstream, result.decompositions, strict=True
@@ -233,7 +226,7 @@ def test_value_output_changes_do_not_move_the_pattern(shape, T):
         assert (d.z_error > 1e-3).all()  # ... but z != A @ v_frozen: V changed
         if r.layer == 0:
             assert down.max_abs.max() < TOL
-    if shape["n_layers"] > 1:
+    if cfg.n_layers > 1:
         assert result.downstream[-1].tv_max.max() > 1e-3
 
 
@@ -259,14 +252,73 @@ def test_prefix_plus_weight_change_is_not_a_prefix():
     assert probes.frozen_head_layers(model, dict(perturbed(model, ("W_O",)).named_parameters()))
 
 
+# ---------------------------------------------------------------------------- check_tuned
+
+
+def test_check_tuned_is_the_hand_assembled_check():
+    """check_tuned(base, tuned, tokens) equals records -> frozen layers -> check_theorem done by
+    hand, for a raw prefix, a fine-tuned copy and every adapter; the identities are demanded
+    exactly where a prefix meets a frozen head."""
+    model, x = random_model(), tokens()
+    prefix = random_prefix(model, 2)
+    tuned, base = records(model, x, prefix=prefix)
+    by_hand = probes.check_theorem(tuned, base)
+    assert probes.check_tuned(model, prefix, x).rows() == by_hand.rows()
+    copy_q = perturbed(model, ("W_Q",))
+    tuned, base = records(model, x, tuned=copy_q)
+    by_hand = probes.check_theorem(tuned, base, expected=[False, False])
+    assert probes.check_tuned(model, copy_q, x).rows() == by_hand.rows()
+
+    expected = {
+        "prefix": [True, True],
+        "vt-prefix": [True, True],
+        "prompt": [True, True],
+        "lora": [False, False],  # W_Q, W_V changed: no prefix and no frozen head
+        "full": [False, False],
+        "prefix+lora": [False, False],  # a prefix, but W_Q changed
+    }
+    for method, want in expected.items():
+        torch.manual_seed(0)
+        adapter = make_adapter(method, model).double()
+        with torch.no_grad():  # LoRA's B starts at zero: move every tensor
+            for p in adapter.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        check = probes.check_tuned(model, adapter, x)
+        assert check.expected == want, method
+        assert check.ok, (method, check.failures())
+        if method == "prefix+lora":  # demanded anyway, the identities fail: the check can fail
+            forced = dataclasses.replace(check, expected=[True, True])
+            assert not forced.ok
+
+
+def test_a_nan_error_fails_in_the_table_and_the_exit_status(saved_base, capsys, monkeypatch):
+    """One pass rule: a NaN identity error prints FAIL (not ok) and exits 1."""
+    _, path = saved_base
+    real = probes.decompose
+
+    def nan_at_layer_0(record):
+        d = real(record)
+        if record.layer == 0:
+            d.z_error = torch.full_like(d.z_error, float("nan"))
+        return d
+
+    monkeypatch.setattr(probes, "decompose", nan_at_layer_0)
+    assert main(["check-theorem", "--base", str(path), "--n", "8"]) == 1
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:5].strip().isdigit()]
+    assert [r[8] for r in rows if r[0] == "0"] == ["FAIL", "FAIL"]
+    assert [r[8] for r in rows if r[0] == "1"] == ["ok", "ok"]
+    assert "identity failed: layer 0 head 0: z error nan" in out
+
+
 # ---------------------------------------------------------------------------- bias subspace
 
 
 @settings(max_examples=20, deadline=None)
-@given(shape=shapes, P=st.integers(1, 16))
-def test_bias_subspace_rank_at_most_P(shape, P):
-    model = random_model(**shape)
-    tuned, _ = records(model, tokens(8, 10, seed=shape["seed"]), prefix=random_prefix(model, P))
+@given(cfg=shapes, seed=seeds, P=st.integers(1, 16))
+def test_bias_subspace_rank_at_most_P(cfg, seed, P):
+    model = random_model(cfg, seed)
+    tuned, _ = records(model, tokens(8, 10, seed=seed), prefix=random_prefix(model, P))
     for r in tuned:
         s = probes.bias_subspace(r)
         assert (s.rank <= min(P, r.d_head)).all(), s.rows()
@@ -301,12 +353,11 @@ def test_bias_subspace_prefix_vs_full_fine_tuning():
 def test_prompt_records_equal_converted_prefix_records():
     """A soft-prompt run, sliced with prompt_len, gives the records of the exact per-layer
     prefix (adapters.prompt_to_prefix), and the identities hold."""
-    adapters = pytest.importorskip("probe.adapters")
     model = random_model(n_layers=3)
     prompt = torch.randn(3, model.cfg.d_model, dtype=torch.float64)
     x = tokens()
     from_prompt, base = records(model, x, prompt=prompt)
-    from_prefix, _ = records(model, x, prefix=adapters.prompt_to_prefix(model, prompt))
+    from_prefix, _ = records(model, x, prefix=prompt_to_prefix(model, prompt))
     for a, b in zip(from_prompt, from_prefix, strict=True):
         for name in ("q", "k", "v", "prefix_k", "prefix_v", "pattern", "z", "q_frozen"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-12)
@@ -315,10 +366,9 @@ def test_prompt_records_equal_converted_prefix_records():
 
 
 def test_virtual_token_prefix():
-    adapters = pytest.importorskip("probe.adapters")
     model = random_model()
     vectors = torch.randn(2, 3, model.cfg.d_model, dtype=torch.float64)
-    tuned, base = records(model, tokens(), prefix=adapters.vt_to_prefix(model, vectors))
+    tuned, base = records(model, tokens(), prefix=vt_to_prefix(model, vectors))
     assert probes.check_theorem(tuned, base).ok
 
 
@@ -356,9 +406,8 @@ def test_cli_random_prefix_and_fine_tuned_model(saved_base, tmp_path, capsys):
 
 
 def test_cli_prefix_adapter_and_a_failing_identity(saved_base, tmp_path, capsys, monkeypatch):
-    adapters = pytest.importorskip("probe.adapters")
     model, path = saved_base
-    adapter = adapters.make_adapter("prefix", model, length=2).save(tmp_path / "a", model)
+    adapter = make_adapter("prefix", model, length=2).save(tmp_path / "a", model)
     argv = ["check-theorem", "--base", str(path), "--adapter", str(adapter), "--n", "8"]
     assert main(argv) == 0
     assert "prefix adapter" in capsys.readouterr().out

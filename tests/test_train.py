@@ -172,3 +172,17 @@ def test_evaluate_given_scores_only_the_tokens_after_those_given():
     assert evaluate(oracle_wrong_first, task, n=64, given=1) == 1.0
     with pytest.raises(ValueError, match="given"):
         evaluate(oracle_wrong_first, task, n=64, given=10)
+
+
+def test_probe_submodules_are_modules_not_shadowed_by_functions():
+    """``probe`` re-exports functions, never one named like a submodule: ``import probe.train``
+    must give the module (re-exporting the function ``train`` used to shadow it)."""
+    import importlib
+    import inspect
+
+    import probe
+
+    for name in ("adapters", "io", "model", "probes", "train"):
+        module = importlib.import_module(f"probe.{name}")
+        assert inspect.ismodule(getattr(probe, name)) and getattr(probe, name) is module
+    assert probe.tune.__module__ == "probe.train" and probe.pretrain.__module__ == "probe.train"

@@ -1,4 +1,5 @@
-"""The claims ledger: each claim of DESIGN.md s. 3, the runs behind it and a verdict by rule.
+"""The claims ledger: the field's claims about prefix-tuning (the ``Claim`` rows below), the runs
+behind each and a verdict by rule.
 
 Verdicts are computed from the measured numbers by the rules below, fixed before any result
 was seen; they are "supported", "refuted" or "depends: <condition>". Differences between two
@@ -220,7 +221,7 @@ def claims(store: Store, p: Profile) -> list[Claim]:
     )
 
     model = store.model(bases[0])
-    n_base = sum(t.numel() for t in model.parameters())
+    n_base = model.n_params
     lengths = sweeps.lengths(p)
     prompt_share = {n: make_adapter("prompt", model, length=n).n_params / n_base for n in lengths}
     prefix_share = {}

@@ -7,9 +7,12 @@ soft prompt can only bias the attention output, and stay near 0%.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from analysis.plots import bar_chart, heatmap_grid, learning_curves, patterns, renormalise_content
+import torch
+
+from analysis.plots import bar_chart, heatmap_grid, learning_curves, patterns
 from analysis.report import (
     Experiment,
     Figure,
@@ -22,6 +25,7 @@ from analysis.report import (
 )
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
+from probe.probes import content_attention
 from tasks import get_task, test_set
 
 METHODS = ("full", "lora", "prefix", "vt-prefix", "prompt")
@@ -59,7 +63,7 @@ def tuned(p: Profile, base: Run, method: str) -> Run:
         seed=base.seed,
         steps=steps,
         eval_tasks=("sort_asc",),
-        options=tuple(sorted(OPTIONS[method].items())),
+        options=OPTIONS[method],
     )
 
 
@@ -67,81 +71,74 @@ def runs(p: Profile) -> list[Run]:
     return [tuned(p, b, m) for b in base_runs(p) for m in METHODS]
 
 
-def report(store: Store, p: Profile, out: Path) -> Section:
+@dataclass
+class Measured:
+    """Per model ("base", then each method): held-out accuracy per seed on (sort_asc,
+    sort_desc), the state of its learning curves and the curves; ``attention``: (name, pattern
+    [T, P + T], P) of seed 0's layer 0, head 0 on one sort_desc ``sequence``."""
+
+    accuracy: dict[str, tuple[list[float], list[float]]]
+    curve: dict[str, str]
+    curves: dict[str, list[list[dict]]]
+    attention: list[tuple[str, torch.Tensor, int]]
+    sequence: list[int]
+
+
+def measure(store: Store, p: Profile) -> Measured:
     bases = base_runs(p)
-    by_method = {m: [tuned(p, b, m) for b in bases] for m in METHODS}
-    rows = [
-        [
-            "base (sort_asc)",
-            ms([accuracy(store, b) for b in bases]),
-            ms([accuracy(store, b, "sort_desc") for b in bases]),
-            *PAPER["base"],
-        ]
-    ]
-    for m, rs in by_method.items():
-        paper = PAPER.get(m, ("-", "-"))
-        rows.append(
-            [
-                f"{m} -> sort_desc",
-                ms([accuracy(store, r, "sort_asc") for r in rs]),
-                ms([accuracy(store, r) for r in rs]),
-                *paper,
-            ]
-        )
-    rows[0].insert(3, curve_note(store, bases))
-    for row, rs in zip(rows[1:], by_method.values(), strict=True):
-        row.insert(3, curve_note(store, rs))
+    models = {"base": bases} | {m: [tuned(p, b, m) for b in bases] for m in METHODS}
+    sequence = test_set(get_task("sort_desc"), 1).tokens[0]
+    attention = []
+    for name, key in (("base", "base"), ("full FT", "full"), ("prefix (P=1)", "prefix")):
+        pattern = patterns(store, models[key][0], sequence[:-1])[0][0]
+        attention.append((name, pattern, pattern.shape[-1] - pattern.shape[-2]))
+    return Measured(
+        accuracy={
+            m: (
+                [accuracy(store, r, "sort_asc") for r in rs],
+                [accuracy(store, r, "sort_desc") for r in rs],
+            )
+            for m, rs in models.items()
+        },
+        curve={m: curve_note(store, rs) for m, rs in models.items()},
+        curves={m: histories(store, rs) for m, rs in models.items()},
+        attention=attention,
+        sequence=sequence.tolist(),
+    )
+
+
+def render(m: Measured, p: Profile, out: Path) -> Section:
+    rows = []
+    for name, (asc, desc) in m.accuracy.items():
+        label = "base (sort_asc)" if name == "base" else f"{name} -> sort_desc"
+        paper = PAPER.get(name, ("-", "-"))
+        rows.append([label, ms(asc), ms(desc), m.curve[name], *paper])
     table = markdown_table(
         ["model", "sort_asc", "sort_desc", "curve (last quarter)", "paper asc", "paper desc"], rows
     )
     learning_curves(
-        {"base: sort_asc": {"base": histories(store, bases)}}
-        | {f"{m} -> sort_desc": {m: histories(store, rs)} for m, rs in by_method.items()},
+        {"base: sort_asc": {"base": m.curves["base"]}}
+        | {f"{name} -> sort_desc": {name: m.curves[name]} for name in METHODS},
         out / "paper01_curves.png",
         "01: learning curves, held-out exact match on the task trained",
     )
-
     bar_chart(
         ["sort_asc", "sort_desc"],
-        {
-            "base": [
-                [accuracy(store, b) for b in bases],
-                [accuracy(store, b, "sort_desc") for b in bases],
-            ],
-            **{
-                m: [[accuracy(store, r, "sort_asc") for r in rs], [accuracy(store, r) for r in rs]]
-                for m, rs in by_method.items()
-            },
-        },
+        {name: list(acc) for name, acc in m.accuracy.items()},
         out / "paper01_accuracy.png",
         "01: sort-ascending base tuned to sort-descending (mean, min-max over seeds)",
     )
-
-    task = get_task("sort_desc")
-    sequence = test_set(task, 1).tokens[0]
-    panels = []
-    for name, run in (
-        ("base", bases[0]),
-        ("full FT", by_method["full"][0]),
-        ("prefix (P=1)", by_method["prefix"][0]),
-    ):
-        pattern = patterns(store, run, sequence[:-1])[0][0]
-        P = pattern.shape[-1] - pattern.shape[-2]
-        panels.append((f"{name}: raw", pattern, P))
-    for name, pattern, P in panels[:]:
-        panels.append(
-            (
-                name.replace("raw", "renormalised"),
-                renormalise_content(pattern, P),
-                0,
-            )
-        )
+    panels = [(f"{name}: raw", pattern, P) for name, pattern, P in m.attention]
+    panels += [
+        (f"{name}: renormalised", content_attention(pattern, P)[0], 0)
+        for name, pattern, P in m.attention
+    ]
     heatmap_grid(
         panels,
-        sequence.tolist(),
+        m.sequence,
         out / "paper01_attention.png",
         "01: attention on one sort-descending input (rows: queries)",
-        task.input_len,
+        get_task("sort_desc").input_len,
     )
     return Section(
         title="Paper 01: prefix-tuning cannot learn a new attention pattern",
@@ -169,6 +166,10 @@ def report(store: Store, p: Profile, out: Path) -> Section:
             ),
         ],
     )
+
+
+def report(store: Store, p: Profile, out: Path) -> Section:
+    return render(measure(store, p), p, out)
 
 
 EXPERIMENT = Experiment("paper01", "Paper 01", runs, report)

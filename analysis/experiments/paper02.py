@@ -21,7 +21,6 @@ from analysis.plots import (
     learning_curves,
     matrix_heatmap,
     patterns,
-    renormalise_content,
 )
 from analysis.report import (
     Claim,
@@ -37,6 +36,7 @@ from analysis.report import (
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
 from probe.adapters import Tuned
+from probe.probes import content_attention
 from tasks import get_task, test_set
 
 TASKS = ("sort_asc", "sort_desc", "add1", "add2")
@@ -74,7 +74,7 @@ def tuned(p: Profile, base: Run, method: str, task: str) -> Run:
         seed=base.seed,
         steps=p.pick(20, 800, 30000, 2000),
         lr=p.pick(None, None, 5e-5),
-        options=(("length", LENGTH),),
+        options={"length": LENGTH},
         eval_tasks=TASKS,
     )
 
@@ -196,7 +196,7 @@ def report(store: Store, p: Profile, out: Path) -> Section:
         panels += [
             (f"{t}: base", base_pattern, 0),
             (f"{t}: prefix, raw", prefix_pattern, P),
-            (f"{t}: prefix, renormalised", renormalise_content(prefix_pattern, P), 0),
+            (f"{t}: prefix, renormalised", content_attention(prefix_pattern, P)[0], 0),
         ]
     heatmap_grid(
         panels,

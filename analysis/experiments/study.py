@@ -14,6 +14,7 @@ tuned models.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -33,8 +34,7 @@ from analysis.report import (
 )
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
-from probe.adapters import Tuned
-from probe.probes import TheoremCheck, check_theorem, frozen_head_layers, records_from_cache
+from probe.probes import TheoremCheck, check_tuned
 from tasks import get_task, test_set
 
 METHODS = ("full", "lora", "prefix", "vt-prefix", "prompt", "prefix+lora")
@@ -60,8 +60,8 @@ def pairs(p: Profile) -> list[tuple[str, str]]:
     return p.pick([MAIN], [MAIN, ("copy", "reverse")], PAIRS)
 
 
-def model(p: Profile) -> tuple[str, tuple]:
-    return p.pick(("tiny", ()), ("01", (("n_layers", 2),)), ("01", (("n_layers", 2),)))
+def model(p: Profile) -> tuple[str, dict]:
+    return p.pick(("tiny", {}), ("01", {"n_layers": 2}), ("01", {"n_layers": 2}))
 
 
 def prefix_lengths(p: Profile) -> tuple[int, ...]:
@@ -99,7 +99,7 @@ def tuned(p: Profile, base: Run, target: str, method: str, **options) -> Run:
         # one seed of three collapsed to uniform predictions (0%); 100 fixed it (93.8%, seed 2;
         # figures/recipes.md).
         warmup=100 if "lora" in method else 50,
-        options=tuple(sorted({**OPTIONS[method], **options}.items())),
+        options={**OPTIONS[method], **options},
         eval_tasks=(base.task,),
     )
 
@@ -126,30 +126,14 @@ def probe_tokens(task: str, n: int = 64) -> torch.Tensor:
     return test_set(get_task(task), n).tokens[:, :-1]
 
 
-@torch.no_grad()
 def probe_run(
     store: Store, run: Run, tokens: torch.Tensor, dtype: torch.dtype = torch.float64
 ) -> TheoremCheck:
     """The theorem check of a finished tuning run on ``tokens``, in ``dtype`` (float64 copies of
     the base model and adapter): decomposition errors, local and downstream drift per layer."""
-    base = store.model(run).eval()
-    adapter = store.adapter(run, base)
-    base, adapter = base.to(dtype), adapter.to(dtype)
-    tuned = Tuned(base).add("a", adapter)
-    _, cache = tuned.run_with_cache(tokens)
-    _, base_cache = base.run_with_cache(tokens)
-    weights = adapter.weights(base)
-    W_O = [weights.get(f"blocks.{i}.attn.W_O", b.attn.W_O) for i, b in enumerate(base.blocks)]
-    prompt = adapter.prompt(base)
-    records = records_from_cache(
-        base, cache, W_O=W_O, prompt_len=0 if prompt is None else prompt.shape[-2]
-    )
-    frozen = frozen_head_layers(base, weights)
-    return check_theorem(
-        records,
-        records_from_cache(base, base_cache),
-        expected=[r.P > 0 and f for r, f in zip(records, frozen, strict=True)],
-    )
+    base = store.model(run)
+    adapter = store.adapter(run, base)  # checked against the base as saved, before the cast
+    return check_tuned(base.to(dtype), adapter, tokens)
 
 
 @torch.no_grad()
@@ -211,29 +195,52 @@ def drift_heatmaps(rows: list[str], local, down, path: Path, title: str) -> None
     plt.close(fig)
 
 
-def report(store: Store, p: Profile, out: Path) -> Section:
-    PAIRS = pairs(p)  # noqa: N806
-    groups = [f"{b} -> {t}" for b, t in PAIRS]
-    acc = {
-        m: [[accuracy(store, r) for r in method_runs(p, pair, m)] for pair in PAIRS]
-        for m in METHODS
-    }
-    bases = {pair: [base_run(p, pair[0], s) for s in seeds_for(p, pair)] for pair in PAIRS}
-    rows = [
-        ["base (no tuning)"]
-        + [ms([accuracy(store, b, pair[1]) for b in bases[pair]]) for pair in PAIRS]
-    ]
-    rows += [[m] + [ms(v) for v in acc[m]] for m in METHODS]
-    table = markdown_table(["method", *groups], rows)
-    bar_chart(
-        groups,
-        {"base": [[accuracy(store, b, pair[1]) for b in bases[pair]] for pair in PAIRS], **acc},
-        out / "study_accuracy.png",
-        "Study: 2-layer bases tuned to new tasks (mean, min-max over seeds)",
+@dataclass
+class Measured:
+    """The study's numbers, per (base task, target task) pair in ``pairs`` order.
+
+    base: the untuned base's accuracy on the target, per seed; methods: method -> per pair,
+    per seed; lengths / by_length: the prefix-length sweep on MAIN, per seed; sharpness: base
+    task -> per layer (largest attention weight, entropy); curves: method -> learning curves on
+    MAIN; drift: method -> (local, downstream) drift per layer on MAIN, seed 0.
+    """
+
+    pairs: list[tuple[str, str]]
+    base: list[list[float]]
+    methods: dict[str, list[list[float]]]
+    lengths: tuple[int, ...]
+    by_length: list[list[float]]
+    sharpness: dict[str, list[tuple[float, float]]]
+    curves: dict[str, list[list[dict]]]
+    drift: dict[str, tuple[list[float], list[float]]]
+
+
+def measure(store: Store, p: Profile) -> Measured:
+    pairs_ = pairs(p)
+    tokens = probe_tokens(MAIN[1])
+    return Measured(
+        pairs=pairs_,
+        base=[
+            [accuracy(store, base_run(p, b, s), t) for s in seeds_for(p, (b, t))] for b, t in pairs_
+        ],
+        methods={
+            m: [[accuracy(store, r) for r in method_runs(p, pair, m)] for pair in pairs_]
+            for m in METHODS
+        },
+        lengths=prefix_lengths(p),
+        by_length=[[accuracy(store, r) for r in length_runs(p, n)] for n in prefix_lengths(p)],
+        sharpness={
+            b: sharpness(store, base_run(p, b, 0), tokens)
+            for b in dict.fromkeys(b for b, _ in pairs_)
+        },
+        curves={m: histories(store, method_runs(p, MAIN, m)) for m in METHODS},
+        drift={
+            m: drift_by_layer(probe_run(store, method_runs(p, MAIN, m)[0], tokens)) for m in METHODS
+        },
     )
 
-    lengths = prefix_lengths(p)
-    by_length = [[accuracy(store, r) for r in length_runs(p, n)] for n in lengths]
+
+def prefix_length_plot(lengths, by_length, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     means = [100 * np.mean(v) for v in by_length]
     ax.plot(lengths, means, "o-", label="mean over seeds")
@@ -246,39 +253,46 @@ def report(store: Store, p: Profile, out: Path) -> Section:
     ax.set_ylim(-3, 103)
     ax.set_title(f"Study: prefix-tuning {MAIN[0]} -> {MAIN[1]} by prefix length")
     ax.legend(fontsize=8)
-    fig.savefig(out / "study_prefix_length.png", bbox_inches="tight")
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+
+
+def render(m: Measured, p: Profile, out: Path) -> Section:
+    groups = [f"{b} -> {t}" for b, t in m.pairs]
+    rows = [["base (no tuning)"] + [ms(v) for v in m.base]]
+    rows += [[name] + [ms(v) for v in m.methods[name]] for name in METHODS]
+    table = markdown_table(["method", *groups], rows)
+    bar_chart(
+        groups,
+        {"base": m.base, **m.methods},
+        out / "study_accuracy.png",
+        "Study: 2-layer bases tuned to new tasks (mean, min-max over seeds)",
+    )
+    prefix_length_plot(m.lengths, m.by_length, out / "study_prefix_length.png")
     length_table = markdown_table(
         ["prefix length P", "reverse accuracy"],
-        [[n, ms(v)] for n, v in zip(lengths, by_length, strict=True)],
+        [[n, ms(v)] for n, v in zip(m.lengths, m.by_length, strict=True)],
     )
-
-    tokens = probe_tokens(MAIN[1])
-    sharp = {
-        b: sharpness(store, base_run(p, b, 0), tokens) for b in dict.fromkeys(b for b, _ in PAIRS)
-    }
-    n_layers = len(next(iter(sharp.values())))
+    n_layers = len(next(iter(m.sharpness.values())))
     sharp_table = markdown_table(
         ["base (seed 0)"]
         + [f"L{i} largest weight" for i in range(n_layers)]
         + [f"L{i} entropy (nats)" for i in range(n_layers)],
-        [[b] + [f"{w:.6f}" for w, _ in v] + [f"{e:.2g}" for _, e in v] for b, v in sharp.items()],
+        [
+            [b] + [f"{w:.6f}" for w, _ in v] + [f"{e:.2g}" for _, e in v]
+            for b, v in m.sharpness.items()
+        ],
     )
-    copy_l0 = sharp["copy"][0][0] if "copy" in sharp else None
+    copy_l0 = m.sharpness["copy"][0][0] if "copy" in m.sharpness else None
     learning_curves(
-        {
-            f"{m}: {MAIN[0]} -> {MAIN[1]}": {m: histories(store, method_runs(p, MAIN, m))}
-            for m in METHODS
-        },
+        {f"{name}: {MAIN[0]} -> {MAIN[1]}": {name: m.curves[name]} for name in METHODS},
         out / "study_curves.png",
         "Study: learning curves on reverse, held-out exact match",
     )
-    checks = {m: probe_run(store, method_runs(p, MAIN, m)[0], tokens) for m in METHODS}
-    drifts = {m: drift_by_layer(c) for m, c in checks.items()}
     drift_heatmaps(
         list(METHODS),
-        [drifts[m][0] for m in METHODS],
-        [drifts[m][1] for m in METHODS],
+        [m.drift[name][0] for name in METHODS],
+        [m.drift[name][1] for name in METHODS],
         out / "study_drift.png",
         f"Study: attention drift by layer, {MAIN[0]} -> {MAIN[1]} (seed 0, float64)",
     )
@@ -286,7 +300,7 @@ def report(store: Store, p: Profile, out: Path) -> Section:
         ["method"]
         + [f"local L{i}" for i in range(n_layers)]
         + [f"downstream L{i}" for i in range(n_layers)],
-        [[m] + [f"{x:.2e}" for x in drifts[m][0] + drifts[m][1]] for m in METHODS],
+        [[name] + [f"{x:.2e}" for x in m.drift[name][0] + m.drift[name][1]] for name in METHODS],
     )
     return Section(
         title="Study: copy, reversal and sorting under every tuning method",
@@ -333,6 +347,10 @@ def report(store: Store, p: Profile, out: Path) -> Section:
             ),
         ],
     )
+
+
+def report(store: Store, p: Profile, out: Path) -> Section:
+    return render(measure(store, p), p, out)
 
 
 EXPERIMENT = Experiment("study", "Study", runs, report)

@@ -1,4 +1,4 @@
-"""Sweeps behind the field's claims about prefix-tuning (DESIGN.md s. 3).
+"""Sweeps behind the field's claims about prefix-tuning (the claims ledger's rows, ``ledger.py``).
 
 The paper-03 mix4 bases (pretrained on the uniform mixture of sort-ascending, sort-descending,
 +1 and +2 with no task token, so they hold skills a prefix can elicit but cannot tell which one
@@ -22,7 +22,7 @@ from analysis.experiments import paper03
 from analysis.report import Experiment, Figure, Profile, Section, accuracy, markdown_table
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
-from probe.adapters import DEFAULT_LR
+from probe.train import DEFAULT_LR
 
 TARGET = "sort_desc"
 LORA = {"rank": 1, "targets": ("W_Q", "W_V")}  # PEFT's default targets, the smallest rank
@@ -60,7 +60,7 @@ def tuned(
         steps=p.pick(30, 200, 5000, 400),
         lr=lr or DEFAULT_LR[method],
         train_size=train_size,
-        options=tuple(sorted({**OPTIONS[method], **options}.items())),
+        options={**OPTIONS[method], **options},
     )
 
 

@@ -1,12 +1,13 @@
 """The theorem as a picture: its identities hold to rounding wherever a prefix meets a frozen head.
 
 For every tuned model of the study and of paper 01 (seed 0), run in float64, each layer is
-decomposed as the theorem says (DESIGN.md s. 1): the pattern as [alpha beta | (1 - alpha) A] and
-the head output as (1 - alpha) z_base + alpha sum_p beta_p V_p, with A and z_base the FROZEN head
-recomputed on the same layer input. For prefix, virtual-token prefix and soft prompt the errors
-are a few float64 epsilons, and so is the local drift of relative attention; for full
-fine-tuning, LoRA and the prefix + LoRA hybrid, which change W_Q/W_K, the same probes report
-errors of order 0.1-1: the check can fail, and does where the theorem does not apply.
+decomposed as the theorem says (derived in ``probe.probes``): the pattern as
+[alpha beta | (1 - alpha) A] and the head output as (1 - alpha) z_base + alpha sum_p beta_p V_p,
+with A and z_base the FROZEN head recomputed on the same layer input. For prefix, virtual-token
+prefix and soft prompt the errors are a few float64 epsilons, and so is the local drift of
+relative attention; for full fine-tuning, LoRA and the prefix + LoRA hybrid, which change
+W_Q/W_K, the same probes report errors of order 0.1-1: the check can fail, and does where the
+theorem does not apply.
 """
 
 from __future__ import annotations
