@@ -54,13 +54,13 @@ def test_run_key_is_stable_across_processes():
 # change to Run.spec(). Last changed: adapters' weight decay 0.1 -> 0, new step budgets.
 QUICK_KEYS = {
     "paper01": "a4b2f08c595f6d3c",
-    "paper02": "4e336fe09fab76b7",
-    "paper03": "6baf672380d0e284",
-    "paper04": "d333733ef2091b92",
+    "paper02": "3574e60d39f621a3",
+    "paper03": "a448cfacc73cf1f0",
+    "paper04": "64c926544679bc90",
     "study": "65fb87dabd596d5c",
     "theorem": "da53224655fb0b49",
-    "sweeps": "c3d10d43b27655af",
-    "ledger": "c4bf5b347d2008ae",
+    "sweeps": "0fd387ab0e86a1b7",
+    "ledger": "653d940be1d01912",
 }
 
 
@@ -152,11 +152,10 @@ def test_run_key_follows_the_default_weight_decay(monkeypatch):
 def test_run_keys_from_before_weight_decay_was_a_field_still_hit():
     # Every run trained with 0.1 before the field existed; such runs keep their old keys (a
     # quick-profile base, as written into stores then), so old stores are not retrained.
-    from analysis.experiments import paper03
-    from analysis.report import PROFILES
+    from analysis.experiments import paper01
 
-    old_base = paper03.base_runs(PROFILES["quick"])[0]
-    assert old_base.key == "44e9ec3eb78947bd"
+    old_base = paper01.base_runs(PROFILES["quick"])[0]
+    assert old_base.key == "6c752ce7f2f49942"
     assert "weight_decay" not in old_base.spec()
     tuned = Run("reverse", preset="tiny", method="prefix", base=tiny_base(), steps=20)
     assert tuned.spec()["weight_decay"] == 0.0
