@@ -26,7 +26,6 @@ import os
 import secrets
 import shutil
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -380,7 +379,15 @@ class Store:
 
 
 def execute(run: Run, root: Path, device: str = "cpu") -> dict:
-    """Train one run and write its directory in one atomic rename; returns the result."""
+    """Train one run and commit its directory ``<root>/<key>`` (``model/`` or ``adapter/``,
+    and ``result.json``); returns the result.
+
+    The commit is :func:`probe.io.staging_dir` then :func:`probe.io.publish_dir`, as in
+    ``io.save_dir``: one atomic rename of a temporary sibling, with the umask's modes. Unlike
+    ``save_dir``, finding the key already committed is no error and never a replacement: the
+    run is deterministic in its spec, so another process that committed it first wrote the same
+    result, and its directory stays while this one is discarded.
+    """
     cfg = run.train_config(device)
     task = get_task(run.task)
     if run.method is None:
@@ -413,23 +420,20 @@ def execute(run: Run, root: Path, device: str = "cpu") -> dict:
         "n_params": n_params,
         "base_params": model.n_params,
     }
-    # Named after its owner so that only a provably dead owner's temporary is ever removed.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run.key}.tmp-{io.owner_tag()}", dir=root))
-    try:
+    target = Path(root) / run.key
+    with io.staging_dir(target) as tmp:
         if run.method is None:
             model.save(tmp / "model")
         else:
             adapter.save(tmp / "adapter", model)
         (tmp / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
-        try:  # rename never replaces a non-empty directory: a committed result stays
-            os.rename(tmp, Path(root) / run.key)
+        try:  # never replaces a non-empty directory: a committed result stays
+            io.publish_dir(tmp, target)
         except OSError as e:
-            done = (Path(root) / run.key / "result.json").is_file()
+            done = (target / "result.json").is_file()
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not done:
                 raise
             # Another process committed the same run meanwhile: same spec, same bytes; keep it.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

@@ -22,6 +22,8 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -191,7 +193,10 @@ def save_dir(
     """Create directory ``path`` holding safetensors and JSON files, written in a temporary
     sibling first: a new ``path`` appears in one rename; replacing an existing directory of ours
     (only with ``overwrite``) takes two, the old one moved aside and the new one moved in (a
-    crash between them is repaired by the next save; see the module docstring).
+    crash between them is repaired by the next save; see the module docstring). The staging
+    and the umask are :func:`staging_dir` and :func:`publish_dir`, shared with the run store;
+    unlike the store, which keeps a result another process committed first, a save that finds
+    ``path`` taken refuses it or, with ``overwrite``, replaces it.
 
     Refuses (before writing anything) non-finite tensors (:class:`NonFiniteError`) and a target
     that :func:`check_target` refuses.
@@ -205,32 +210,63 @@ def save_dir(
                 "training diverged: lower the learning rate"
             )
     check_target(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{owner_tag()}", dir=path.parent))
-    old = None
-    try:
+    with staging_dir(path) as tmp:
         for name, state in tensors.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / name)
         for name, obj in jsons.items():
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        # mkdtemp makes 0700 and safetensors writes 0600: use the umask, as open() does for JSON.
-        mask = umask()
-        os.chmod(tmp, 0o777 & ~mask)
-        for name in (*tensors, *jsons):
-            os.chmod(tmp / name, 0o666 & ~mask)
-        if path.exists():  # ours and overwrite=True (check_target); keep it until tmp is in
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{owner_tag()}", dir=path.parent))
-            os.replace(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:  # fails, never replaces, if a non-empty directory appeared meanwhile
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not path.exists():
-            os.rename(old, path)
-        raise
+        if not path.exists():  # fails, never replaces, if a non-empty directory appeared meanwhile
+            publish_dir(tmp, path)
+            return path
+        # Ours and overwrite=True (check_target): keep the old one until tmp is in.
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{owner_tag()}", dir=path.parent))
+        os.replace(path, old)
+        try:
+            publish_dir(tmp, path)
+        except BaseException:
+            if old.exists() and not path.exists():
+                os.rename(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+@contextmanager
+def staging_dir(path: Path) -> Iterator[Path]:
+    """A fresh, empty directory to fill in place of ``path``: a temporary sibling
+    ``.<name>.tmp-<host>-<pid>-<random>`` (on the same filesystem, so the final rename is atomic;
+    named by its owner, so :func:`clean_temporaries` and the run store's sweep remove it only
+    once that owner is provably dead). Whatever is still there when the block exits (it raised,
+    or :func:`publish_dir` refused) is removed; a published one has already left.
+
+    Shared by :func:`save_dir` and the run store's commit (``analysis.runs.execute``), which
+    differ only in what they do when ``path`` already holds something (see each).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{owner_tag()}", dir=path.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` and everything under it the modes the umask gives new files (0666 & ~umask)
+    and directories (0777 & ~umask), then rename it to ``path`` in one step.
+
+    The modes: mkdtemp makes 0700 and safetensors writes 0600, while files written with open()
+    follow the umask; without this a shared results folder would be private to its writer.
+    The rename replaces nothing but an empty directory: if a non-empty one is at ``path`` it
+    raises OSError (errno ENOTEMPTY or EEXIST) and ``tmp`` stays where it was, so what to do
+    about an existing result is the caller's decision.
+    """
+    mask = umask()
+    for folder, _, files in os.walk(tmp):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+    os.rename(tmp, path)
 
 
 def umask() -> int:

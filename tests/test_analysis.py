@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -289,6 +290,25 @@ def test_a_committed_result_is_never_replaced(tmp_path):
     again = execute(variant(run), tmp_path)  # a racing duplicate: same spec, discarded
     assert again["key"] == first["key"] and store_bytes(tmp_path) == before
     assert not list(tmp_path.glob(".*"))
+
+
+def test_a_committed_run_follows_the_umask(tmp_path):
+    """A shared run store stays readable as the user's umask says: the run directory (made by
+    mkdtemp, 0700) and the adapter's safetensors (0600) used to keep their private modes."""
+    base = tiny_base(steps=5)
+    tuned = Run("copy", method="prefix", base=base, seed=0, steps=2, options={"length": 1})
+    for mask, dir_mode, file_mode in ((0o022, 0o755, 0o644), (0o027, 0o750, 0o640)):
+        root = tmp_path / f"u{mask:o}"
+        old = os.umask(mask)
+        try:
+            execute(base, root)
+            execute(tuned, root)
+        finally:
+            os.umask(old)
+        for run in (base, tuned):
+            for path in [root / run.key, *(root / run.key).rglob("*")]:
+                want = dir_mode if path.is_dir() else file_mode
+                assert stat.S_IMODE(path.stat().st_mode) == want, path
 
 
 # ---------------------------------------------------------------------------- reproduce

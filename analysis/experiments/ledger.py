@@ -11,6 +11,7 @@ nothing is trained twice.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.experiments import study, sweeps
@@ -162,134 +163,195 @@ def verdict_lr(prefix: list[list[float]], full: list[list[float]]) -> str:
     )
 
 
-# ---------------------------------------------------------------------------- the claims
+# ---------------------------------------------------------------------------- the numbers
 
 
-def claims(store: Store, p: Profile) -> list[Claim]:
-    def acc(rs, task=None):
-        return [accuracy(store, r, task) for r in rs]
+@dataclass
+class Measured:
+    """The numbers the eight claims are judged on (accuracies are per seed).
 
-    out = []
+    study: on the study's MAIN pair, prefix_like (each prompt-like method, then the prefix at
+    each length of the study's sweep), full and lora; study_pairs: per study pair, (pair,
+    prefix at P=1, prompt at P=1). sweep: the sweeps' own Measured (every sweep point, and the
+    untuned mix4 bases per task). n_base: the mix4 base's parameters; prompt_share /
+    prefix_share: prefix length -> adapter parameters / base parameters.
+    """
+
+    prefix_like: dict[str, list[float]]
+    full: list[float]
+    lora: list[float]
+    study_pairs: list[tuple[tuple[str, str], list[float], list[float]]]
+    sweep: sweeps.Measured
+    n_base: int
+    prompt_share: dict[int, float]
+    prefix_share: dict[int, float]
+
+
+def measure(store: Store, p: Profile) -> Measured:
+    """The study's and the sweeps' numbers that the claims need, read from the store."""
+
+    def acc(rs):
+        return [accuracy(store, r) for r in rs]
+
     main = study.MAIN
     prefix_like = {m: acc(study.method_runs(p, main, m)) for m in study.PROMPT_LIKE}
     prefix_like |= {f"prefix P={n}": acc(study.length_runs(p, n)) for n in study.prefix_lengths(p)}
-    full = acc(study.method_runs(p, main, "full"))
-    lora = acc(study.method_runs(p, main, "lora"))
-    out.append(
-        Claim(
-            "1. Prefix-tuning cannot learn tasks needing new attention patterns (reversal: "
-            "prefix 0% vs full FT 85%)",
-            f"study: {main[0]} base tuned to {main[1]}",
-            "; ".join(f"{k} {ms(v)}" for k, v in prefix_like.items())
-            + f"; full {ms(full)}; lora {ms(lora)}",
-            verdict_new_pattern(prefix_like, full),
-        )
-    )
-
-    s = sweeps.sweeps(p)
-    bases = sweeps.base_runs(p)
-    base = acc(bases, sweeps.TARGET)
-    data_prefix = {k: acc(rs) for k, rs in s["data prefix"].items()}
-    data_full = {k: acc(rs) for k, rs in s["data full"].items()}
-    out.append(
-        Claim(
-            "2. Prefix-tuning elicits pretrained skills; matches full FT with plenty of data, "
-            "beats it in low data",
-            f"sweeps: mix4 base tuned to {sweeps.TARGET}, training-set size",
-            f"untuned base {ms(base)}; "
-            + "; ".join(
-                f"n={k}: prefix {ms(data_prefix[k])} vs full {ms(data_full[k])}"
-                for k in data_prefix
-            ),
-            verdict_elicit(base, data_prefix, data_full),
-        )
-    )
-
-    methods = {k: acc(rs) for k, rs in s["methods"].items()}
-    study_pairs = [
-        (pair, acc(study.method_runs(p, pair, "prefix")), acc(study.method_runs(p, pair, "prompt")))
-        for pair in study.pairs(p)
-    ]
-    out.append(
-        Claim(
-            "3. Prefix-tuning is more expressive than prompt-tuning",
-            f"sweeps: mix4 -> {sweeps.TARGET}, P=1 (study pairs for context)",
-            f"prefix {ms(methods['prefix'])} vs prompt {ms(methods['prompt'])}; study (P=1): "
-            + "; ".join(f"{b}->{t} {ms(a)} vs {ms(c)}" for (b, t), a, c in study_pairs),
-            verdict_better(methods["prefix"], methods["prompt"], "prefix - prompt"),
-        )
-    )
-
-    model = store.model(bases[0])
-    n_base = model.n_params
-    lengths = sweeps.lengths(p)
-    prompt_share = {n: make_adapter("prompt", model, length=n).n_params / n_base for n in lengths}
+    model = store.model(sweeps.base_runs(p)[0])
     prefix_share = {}
-    for n, rs in s["length"].items():
+    for n, rs in sweeps.sweeps(p)["length"].items():
         result = store.result(rs[0])
         prefix_share[int(n.split("=")[1])] = result["n_params"] / result["base_params"]
-    out.append(
-        Claim(
-            "4. Parameter shares: prompt-tuning about 0.1%, prefix-tuning 0.5-1%",
-            f"sweeps: adapter.n_params / base parameters ({n_base:,}; same for every seed)",
-            "prompt "
-            + ", ".join(f"P={n}: {100 * v:.3f}%" for n, v in prompt_share.items())
-            + "; prefix "
-            + ", ".join(f"P={n}: {100 * v:.3f}%" for n, v in prefix_share.items()),
-            verdict_shares(prompt_share, prefix_share),
-        )
+    return Measured(
+        prefix_like=prefix_like,
+        full=acc(study.method_runs(p, main, "full")),
+        lora=acc(study.method_runs(p, main, "lora")),
+        study_pairs=[
+            (
+                pair,
+                acc(study.method_runs(p, pair, "prefix")),
+                acc(study.method_runs(p, pair, "prompt")),
+            )
+            for pair in study.pairs(p)
+        ],
+        sweep=sweeps.measure(store, p),
+        n_base=model.n_params,
+        prompt_share={
+            n: make_adapter("prompt", model, length=n).n_params / model.n_params
+            for n in sweeps.lengths(p)
+        },
+        prefix_share=prefix_share,
     )
 
-    by_length = {int(k.split("=")[1]): acc(rs) for k, rs in s["length"].items()}
-    out.append(
-        Claim(
-            "5. Prefix length beyond about 50 gives diminishing returns",
-            f"sweeps: prefix length on mix4 -> {sweeps.TARGET}",
-            "; ".join(f"P={n}: {ms(v)}" for n, v in by_length.items()),
-            verdict_length(by_length),
-        )
+
+# ---------------------------------------------------------------------------- the claims
+
+
+def claim_new_pattern(m: Measured) -> Claim:
+    main = study.MAIN
+    return Claim(
+        "1. Prefix-tuning cannot learn tasks needing new attention patterns (reversal: "
+        "prefix 0% vs full FT 85%)",
+        f"study: {main[0]} base tuned to {main[1]}",
+        "; ".join(f"{k} {ms(v)}" for k, v in m.prefix_like.items())
+        + f"; full {ms(m.full)}; lora {ms(m.lora)}",
+        verdict_new_pattern(m.prefix_like, m.full),
     )
 
-    init = {k: acc(rs) for k, rs in s["init"].items()}
-    out.append(
-        Claim(
-            "6. Initialising soft prompts from vocabulary embeddings beats random",
-            f"sweeps: prompt P=1 on mix4 -> {sweeps.TARGET}",
-            f"vocab {ms(init['vocab'])} vs random {ms(init['random'])}",
-            verdict_better(init["vocab"], init["random"], "vocab - random"),
-        )
+
+def claim_elicit(m: Measured) -> Claim:
+    base = m.sweep.base[sweeps.TARGET]
+    prefix, full = m.sweep.points["data prefix"], m.sweep.points["data full"]
+    return Claim(
+        "2. Prefix-tuning elicits pretrained skills; matches full FT with plenty of data, "
+        "beats it in low data",
+        f"sweeps: mix4 base tuned to {sweeps.TARGET}, training-set size",
+        f"untuned base {ms(base)}; "
+        + "; ".join(f"n={k}: prefix {ms(prefix[k])} vs full {ms(full[k])}" for k in prefix),
+        verdict_elicit(base, prefix, full),
     )
 
-    out.append(
-        Claim(
-            "7. A prefix + LoRA hybrid beats either alone",
-            f"sweeps: mix4 -> {sweeps.TARGET}, P=1, LoRA rank 1 on W_Q/W_V",
-            f"prefix+lora {ms(methods['prefix+lora'])}; prefix {ms(methods['prefix'])}; "
-            f"lora {ms(methods['lora'])}",
-            verdict_hybrid(methods["prefix+lora"], methods["prefix"], methods["lora"]),
-        )
+
+def claim_prefix_vs_prompt(m: Measured) -> Claim:
+    methods = m.sweep.points["methods"]
+    return Claim(
+        "3. Prefix-tuning is more expressive than prompt-tuning",
+        f"sweeps: mix4 -> {sweeps.TARGET}, P=1 (study pairs for context)",
+        f"prefix {ms(methods['prefix'])} vs prompt {ms(methods['prompt'])}; study (P=1): "
+        + "; ".join(f"{b}->{t} {ms(a)} vs {ms(c)}" for (b, t), a, c in m.study_pairs),
+        verdict_better(methods["prefix"], methods["prompt"], "prefix - prompt"),
     )
 
-    lr_prefix = {k: acc(rs) for k, rs in s["lr prefix"].items()}
-    lr_full = {k: acc(rs) for k, rs in s["lr full"].items()}
-    common = [k for k in lr_prefix if k in lr_full]
-    out.append(
-        Claim(
-            "8. Prefix-tuning is sensitive to the learning rate and can be unstable",
-            f"sweeps: learning rate x default (prefix {sweeps.DEFAULT_LR['prefix']:g}, full "
-            f"{sweeps.DEFAULT_LR['full']:g}) on mix4 -> {sweeps.TARGET}",
-            "prefix "
-            + ", ".join(f"{k}: {ms(v)}" for k, v in lr_prefix.items())
-            + "; full "
-            + ", ".join(f"{k}: {ms(v)}" for k, v in lr_full.items()),
-            verdict_lr([lr_prefix[k] for k in common], [lr_full[k] for k in common]),
-        )
+
+def claim_shares(m: Measured) -> Claim:
+    return Claim(
+        "4. Parameter shares: prompt-tuning about 0.1%, prefix-tuning 0.5-1%",
+        f"sweeps: adapter.n_params / base parameters ({m.n_base:,}; same for every seed)",
+        "prompt "
+        + ", ".join(f"P={n}: {100 * v:.3f}%" for n, v in m.prompt_share.items())
+        + "; prefix "
+        + ", ".join(f"P={n}: {100 * v:.3f}%" for n, v in m.prefix_share.items()),
+        verdict_shares(m.prompt_share, m.prefix_share),
     )
-    return out
 
 
-def report(store: Store, p: Profile, out: Path) -> Section:
-    rows = claims(store, p)
+def claim_length(m: Measured) -> Claim:
+    by_length = {int(k.split("=")[1]): v for k, v in m.sweep.points["length"].items()}
+    return Claim(
+        "5. Prefix length beyond about 50 gives diminishing returns",
+        f"sweeps: prefix length on mix4 -> {sweeps.TARGET}",
+        "; ".join(f"P={n}: {ms(v)}" for n, v in by_length.items()),
+        verdict_length(by_length),
+    )
+
+
+def claim_init(m: Measured) -> Claim:
+    init = m.sweep.points["init"]
+    return Claim(
+        "6. Initialising soft prompts from vocabulary embeddings beats random",
+        f"sweeps: prompt P=1 on mix4 -> {sweeps.TARGET}",
+        f"vocab {ms(init['vocab'])} vs random {ms(init['random'])}",
+        verdict_better(init["vocab"], init["random"], "vocab - random"),
+    )
+
+
+def claim_hybrid(m: Measured) -> Claim:
+    methods = m.sweep.points["methods"]
+    return Claim(
+        "7. A prefix + LoRA hybrid beats either alone",
+        f"sweeps: mix4 -> {sweeps.TARGET}, P=1, LoRA rank 1 on W_Q/W_V",
+        f"prefix+lora {ms(methods['prefix+lora'])}; prefix {ms(methods['prefix'])}; "
+        f"lora {ms(methods['lora'])}",
+        verdict_hybrid(methods["prefix+lora"], methods["prefix"], methods["lora"]),
+    )
+
+
+def claim_lr(m: Measured) -> Claim:
+    prefix, full = m.sweep.points["lr prefix"], m.sweep.points["lr full"]
+    common = [k for k in prefix if k in full]
+    return Claim(
+        "8. Prefix-tuning is sensitive to the learning rate and can be unstable",
+        f"sweeps: learning rate x default (prefix {sweeps.DEFAULT_LR['prefix']:g}, full "
+        f"{sweeps.DEFAULT_LR['full']:g}) on mix4 -> {sweeps.TARGET}",
+        "prefix "
+        + ", ".join(f"{k}: {ms(v)}" for k, v in prefix.items())
+        + "; full "
+        + ", ".join(f"{k}: {ms(v)}" for k, v in full.items()),
+        verdict_lr([prefix[k] for k in common], [full[k] for k in common]),
+    )
+
+
+CLAIMS = (
+    claim_new_pattern,
+    claim_elicit,
+    claim_prefix_vs_prompt,
+    claim_shares,
+    claim_length,
+    claim_init,
+    claim_hybrid,
+    claim_lr,
+)
+RULES = (
+    verdict_new_pattern,
+    verdict_elicit,
+    verdict_better,
+    verdict_shares,
+    verdict_length,
+    verdict_hybrid,
+    verdict_lr,
+)
+
+
+def rules_text() -> str:
+    """Each rule's docstring up to its first colon (which claims), then the rule on one line."""
+    return " ".join(
+        f.__doc__.split(":", 1)[0] + ": " + " ".join(f.__doc__.split(":", 1)[1].split())
+        for f in RULES
+    )
+
+
+def render(m: Measured, p: Profile, out: Path) -> Section:
+    """The Section: the rules, a table of claim, experiment and verdict, and the claims."""
+    rows = [claim(m) for claim in CLAIMS]
     table = markdown_table(
         ["claim", "experiment", "verdict"], [[c.claim, c.experiment, c.verdict] for c in rows]
     )
@@ -297,21 +359,14 @@ def report(store: Store, p: Profile, out: Path) -> Section:
         title="Claims ledger: how the verdicts are decided",
         text=__doc__.split("\n\n", 1)[1].strip()
         + "\n\nRules (see analysis/experiments/ledger.py): "
-        + " ".join(
-            f.__doc__.split(":", 1)[0] + ": " + " ".join(f.__doc__.split(":", 1)[1].split())
-            for f in (
-                verdict_new_pattern,
-                verdict_elicit,
-                verdict_better,
-                verdict_shares,
-                verdict_length,
-                verdict_hybrid,
-                verdict_lr,
-            )
-        ),
+        + rules_text(),
         tables=[table],
         claims=rows,
     )
+
+
+def report(store: Store, p: Profile, out: Path) -> Section:
+    return render(measure(store, p), p, out)
 
 
 EXPERIMENT = Experiment("ledger", "Claims ledger", runs, report)

@@ -18,6 +18,7 @@ steps where the K/V prefix reached 85% (seed 0, figures/recipes.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
@@ -144,63 +145,126 @@ def verdict(own: dict[str, list[float]], curves: dict[str, str]) -> str:
     return "supported" if not short else "depends: " + "; ".join(short)
 
 
-def report(store: Store, p: Profile, out: Path) -> Section:
+KIND = {t: "pretraining task" for t in PRETRAIN} | {
+    "sort_asc_add1": "new composition",
+    "hist": "new task",
+}
+
+
+@dataclass
+class Measured:
+    """The numbers behind paper 03, each per task in PRETRAIN + NEW order.
+
+    base / skill / own: held-out accuracy per seed of the base without a prefix, of the base
+    given the first output token (the skills it holds), and of that task's prefix; curve: the
+    state of each task's prefix learning curves (with the step a bar would be reached at);
+    curves: "base" and each task -> learning curves, one per seed; n_params / base_params: one
+    prefix's and the base's parameter counts.
+    """
+
+    base: dict[str, list[float]]
+    skill: dict[str, list[float]]
+    own: dict[str, list[float]]
+    curve: dict[str, str]
+    curves: dict[str, list[list[dict]]]
+    n_params: int
+    base_params: int
+
+
+def measure(store: Store, p: Profile) -> Measured:
+    """Everything paper 03 reports, read from the store."""
     bases = base_runs(p)
     tasks = PRETRAIN + NEW
     prefixes = {t: [tuned(p, b, t) for b in bases] for t in tasks}
-    base_acc = {t: [accuracy(store, b, t) for b in bases] for t in tasks}
-    skill = {t: [store.result(b)["accuracy_given"][t] for b in bases] for t in tasks}
-    own = {t: [accuracy(store, r) for r in rs] for t, rs in prefixes.items()}
     target = {t: BARS["own"] for t in PRETRAIN} | {"sort_asc_add1": BARS["composition"]}
-    curves = {t: curve_note(store, rs, target.get(t)) for t, rs in prefixes.items()}
-    kind = {t: "pretraining task" for t in PRETRAIN} | {
-        "sort_asc_add1": "new composition",
-        "hist": "new task",
-    }
-    rows = [
-        [t, kind[t], ms(base_acc[t]), ms(skill[t]), ms(own[t]), curves[t], PAPER[t]] for t in tasks
-    ]
-    n_params = store.result(prefixes["hist"][0])["n_params"]
-    base_params = store.result(prefixes["hist"][0])["base_params"]
-    table = markdown_table(
-        [
-            "task",
-            "kind",
-            "base, no prefix",
-            "base, first output given",
-            f"prefix (P={LENGTH})",
-            "prefix curve (last quarter)",
-            "paper prefix",
-        ],
-        rows,
+    hist = store.result(prefixes["hist"][0])
+    return Measured(
+        base={t: [accuracy(store, b, t) for b in bases] for t in tasks},
+        skill={t: [store.result(b)["accuracy_given"][t] for b in bases] for t in tasks},
+        own={t: [accuracy(store, r) for r in rs] for t, rs in prefixes.items()},
+        curve={t: curve_note(store, rs, target.get(t)) for t, rs in prefixes.items()},
+        curves={"base": histories(store, bases)}
+        | {t: histories(store, rs) for t, rs in prefixes.items()},
+        n_params=hist["n_params"],
+        base_params=hist["base_params"],
     )
-    steps = {t: prefixes[t][0].steps for t in tasks}
+
+
+def table(m: Measured, p: Profile) -> str:
+    """The per-task table with its caption."""
+    bases = base_runs(p)
+    rows = [
+        [t, KIND[t], ms(m.base[t]), ms(m.skill[t]), ms(m.own[t]), m.curve[t], PAPER[t]]
+        for t in PRETRAIN + NEW
+    ]
+    header = [
+        "task",
+        "kind",
+        "base, no prefix",
+        "base, first output given",
+        f"prefix (P={LENGTH})",
+        "prefix curve (last quarter)",
+        "paper prefix",
+    ]
+    steps = {t: tuned(p, bases[0], t).steps for t in ("sort_asc", "hist")}
     caption = (
         f"Held-out exact match (mean ± sd over {len(bases)} seeds). Base: {model_name(p)}, "
-        f"{base_params:,} parameters, pretrained {bases[0].steps} steps on mix4 (batch "
+        f"{m.base_params:,} parameters, pretrained {bases[0].steps} steps on mix4 (batch "
         f"{bases[0].batch_size}, lr {bases[0].effective_lr:g}); 'first output given' hands the "
         "base the first output token, which tells it the task, so it measures the skills the "
-        f"base holds. Prefix: key/value prefix P={LENGTH} ({n_params:,} parameters), "
+        f"base holds. Prefix: key/value prefix P={LENGTH} ({m.n_params:,} parameters), "
         f"{steps['sort_asc']} steps per pretraining task and {steps['hist']} per new task (the "
         "paper: 40,000 pretraining iterations; 20,000 and 500,000 for its prefixes)."
     )
+    return markdown_table(header, rows) + f"\n\n*Table*: {caption}"
+
+
+def draw(m: Measured, p: Profile, out: Path) -> None:
+    """paper03_accuracy.png and paper03_curves.png."""
+    tasks = PRETRAIN + NEW
     bar_chart(
         list(tasks),
         {
-            "base, no prefix": [base_acc[t] for t in tasks],
-            "base, first output given": [skill[t] for t in tasks],
-            f"prefix P={LENGTH}": [own[t] for t in tasks],
+            "base, no prefix": [m.base[t] for t in tasks],
+            "base, first output given": [m.skill[t] for t in tasks],
+            f"prefix P={LENGTH}": [m.own[t] for t in tasks],
         },
         out / "paper03_accuracy.png",
         f"03: prefixes on a mix4 base ({model_name(p).split(' (')[0]})",
     )
     learning_curves(
-        {"mix4 base (first output given)": {"base": histories(store, bases)}}
-        | {f"prefix -> {t} ({kind[t]})": {"prefix": histories(store, prefixes[t])} for t in tasks},
+        {"mix4 base (first output given)": {"base": m.curves["base"]}}
+        | {f"prefix -> {t} ({KIND[t]})": {"prefix": m.curves[t]} for t in tasks},
         out / "paper03_curves.png",
         "03: learning curves, held-out exact match",
     )
-    result = verdict(own, curves)
+
+
+def figures(p: Profile) -> list[Figure]:
+    return [
+        Figure(
+            "paper03_accuracy.png",
+            f"Held-out exact match of the mix4 base ({model_name(p)}) without a prefix, "
+            "with the first output token given (the skills it holds), and with one "
+            f"P={LENGTH} prefix per task: the four pretraining tasks, the new composition "
+            "sort_asc_add1 and the new task hist. Bars: mean over seeds; whiskers: min-max; "
+            "dots: seeds.",
+        ),
+        Figure(
+            "paper03_curves.png",
+            "Learning curves of every paper-03 run (held-out exact match on 512 test "
+            "sequences while training; one line per seed): the base's curve scores outputs "
+            "after the first, and each prefix's curve its own task. A flat end means the "
+            "final number is converged at this budget, a rising one that the run was cut off.",
+        ),
+    ]
+
+
+def render(m: Measured, p: Profile, out: Path) -> Section:
+    """The figures into ``out``, and the Section (text, table, claim) from ``m`` alone."""
+    draw(m, p, out)
+    own = m.own
+    result = verdict(own, m.curve)
     return Section(
         title="Paper 03: prefixes combine pretrained skills but cannot learn a new task",
         text=__doc__.split("\n\n", 1)[1].strip()
@@ -208,24 +272,8 @@ def report(store: Store, p: Profile, out: Path) -> Section:
         f"against double histogram {ms(own['hist'])} (paper 71.59 and 0.62). Bars fixed before "
         "the results: every pretraining task >= 95%, composition >= 50%, new task <= 5%. "
         f"Verdict: {result}.",
-        tables=[table + f"\n\n*Table*: {caption}"],
-        figures=[
-            Figure(
-                "paper03_accuracy.png",
-                f"Held-out exact match of the mix4 base ({model_name(p)}) without a prefix, "
-                "with the first output token given (the skills it holds), and with one "
-                f"P={LENGTH} prefix per task: the four pretraining tasks, the new composition "
-                "sort_asc_add1 and the new task hist. Bars: mean over seeds; whiskers: min-max; "
-                "dots: seeds.",
-            ),
-            Figure(
-                "paper03_curves.png",
-                "Learning curves of every paper-03 run (held-out exact match on 512 test "
-                "sequences while training; one line per seed): the base's curve scores outputs "
-                "after the first, and each prefix's curve its own task. A flat end means the "
-                "final number is converged at this budget, a rising one that the run was cut off.",
-            ),
-        ],
+        tables=[table(m, p)],
+        figures=figures(p),
         claims=[
             Claim(
                 "Prefix-tuning elicits and combines pretrained skills, but cannot learn a new task",
@@ -237,6 +285,10 @@ def report(store: Store, p: Profile, out: Path) -> Section:
             )
         ],
     )
+
+
+def report(store: Store, p: Profile, out: Path) -> Section:
+    return render(measure(store, p), p, out)
 
 
 EXPERIMENT = Experiment("paper03", "Paper 03", runs, report)

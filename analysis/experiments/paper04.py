@@ -12,6 +12,7 @@ results.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.experiments import paper03
@@ -136,47 +137,77 @@ def verdict(acc: dict[str, list[float]], curves: dict[str, str]) -> str:
     )
 
 
-def report(store: Store, p: Profile, out: Path) -> Section:
-    bases = paper03.base_runs(p)
-    by = {m: [tuned(p, b, m) for b in bases] for m in METHODS}
-    acc = {m: [accuracy(store, r) for r in rs] for m, rs in by.items()}
-    curves = {
-        m: curve_note(store, rs, target=BARS.get(m) if m == "lora" else None)
-        for m, rs in by.items()
-    }
-    n = {m: store.result(rs[0])["n_params"] for m, rs in by.items()}
-    share = {m: n[m] / store.result(rs[0])["base_params"] for m, rs in by.items()}
+@dataclass
+class Measured:
+    """The numbers behind paper 04, each per method in METHODS order.
+
+    accuracy: held-out accuracy on hist per seed; curve: the state of its learning curves
+    (LoRA's with the step its bar would be reached at); curves: learning curves, one per seed;
+    n_params: trained parameters; share: n_params / the base's parameters.
+    """
+
+    accuracy: dict[str, list[float]]
+    curve: dict[str, str]
+    curves: dict[str, list[list[dict]]]
+    n_params: dict[str, int]
+    share: dict[str, float]
+
+
+def measure(store: Store, p: Profile) -> Measured:
+    """Everything paper 04 reports, read from the store."""
+    by = {m: [tuned(p, b, m) for b in paper03.base_runs(p)] for m in METHODS}
+    first = {m: store.result(rs[0]) for m, rs in by.items()}
+    return Measured(
+        accuracy={m: [accuracy(store, r) for r in rs] for m, rs in by.items()},
+        curve={
+            m: curve_note(store, rs, target=BARS.get(m) if m == "lora" else None)
+            for m, rs in by.items()
+        },
+        curves={m: histories(store, rs) for m, rs in by.items()},
+        n_params={m: r["n_params"] for m, r in first.items()},
+        share={m: r["n_params"] / r["base_params"] for m, r in first.items()},
+    )
+
+
+def labels(p: Profile) -> dict[str, str]:
+    """LABEL with this profile's prefix length and LoRA rank."""
     label = dict(LABEL)
     label["prefix"] += f" (P={prefix_length(p)})"
     label["lora"] += f" (rank {lora_rank(p)})"
-    rows = [
-        [
-            label[m],
-            f"{n[m]:,}",
-            f"{100 * share[m]:.2f}%",
-            by[m][0].steps,
-            f"{by[m][0].effective_lr:g}",
-            ms(acc[m]),
-            curves[m],
-            *PAPER[m],
-        ]
-        for m in METHODS
+    return label
+
+
+def table(m: Measured, p: Profile) -> str:
+    """The per-method table with its caption."""
+    bases = paper03.base_runs(p)
+    label = labels(p)
+    rows = []
+    for method in METHODS:
+        run = tuned(p, bases[0], method)
+        rows.append(
+            [
+                label[method],
+                f"{m.n_params[method]:,}",
+                f"{100 * m.share[method]:.2f}%",
+                run.steps,
+                f"{run.effective_lr:g}",
+                ms(m.accuracy[method]),
+                m.curve[method],
+                *PAPER[method],
+            ]
+        )
+    header = [
+        "method",
+        "parameters",
+        "share of base",
+        "steps",
+        "lr",
+        "hist",
+        "curve (last quarter)",
+        "paper params",
+        "paper hist",
+        "paper steps",
     ]
-    table = markdown_table(
-        [
-            "method",
-            "parameters",
-            "share of base",
-            "steps",
-            "lr",
-            "hist",
-            "curve (last quarter)",
-            "paper params",
-            "paper hist",
-            "paper steps",
-        ],
-        rows,
-    )
     caption = (
         f"Held-out exact match on double histogram (mean ± sd over {len(bases)} seeds) on the "
         f"paper-03 mix4 base ({paper03.model_name(p)}). The prefix and LoRA train exactly as "
@@ -184,30 +215,42 @@ def report(store: Store, p: Profile, out: Path) -> Section:
         "matrices (W_O, W_in, W_out), at the rank that gives that count on this model; full "
         "fine-tuning trains every weight."
     )
+    return markdown_table(header, rows) + f"\n\n*Table*: {caption}"
+
+
+def draw(m: Measured, p: Profile, out: Path) -> None:
+    """paper04_prefix_vs_lora.png and paper04_curves.png."""
+    label = labels(p)
     bar_chart(
         [TASK],
-        {f"{label[m]} ({n[m]:,} params)": [acc[m]] for m in METHODS},
+        {f"{label[k]} ({m.n_params[k]:,} params)": [m.accuracy[k]] for k in METHODS},
         out / "paper04_prefix_vs_lora.png",
         "04: a new task at equal parameter count",
     )
     learning_curves(
-        {label[m]: {m: histories(store, by[m])} for m in METHODS},
+        {label[k]: {k: m.curves[k]} for k in METHODS},
         out / "paper04_curves.png",
         "04: learning curves on hist, held-out exact match",
     )
-    result = verdict(acc, curves)
+
+
+def render(m: Measured, p: Profile, out: Path) -> Section:
+    """The figures into ``out``, and the Section (text, table, claim) from ``m`` alone."""
+    draw(m, p, out)
+    acc, n_lora = m.accuracy, f"{m.n_params['lora']:,}"
+    result = verdict(acc, m.curve)
     return Section(
         title="Paper 04: prefix against LoRA at equal parameter count",
         text=__doc__.split("\n\n", 1)[1].strip()
         + f"\n\nMeasured: prefix {ms(acc['prefix'])}, LoRA {ms(acc['lora'])}, both with "
-        f"{n['lora']:,} parameters; full fine-tuning {ms(acc['full'])}. Bars fixed before the "
+        f"{n_lora} parameters; full fine-tuning {ms(acc['full'])}. Bars fixed before the "
         f"results: LoRA >= 80%, prefix <= 5%. Verdict: {result}.",
-        tables=[table + f"\n\n*Table*: {caption}"],
+        tables=[table(m, p)],
         figures=[
             Figure(
                 "paper04_prefix_vs_lora.png",
                 f"Double-histogram accuracy of a K/V prefix and of a LoRA with the same "
-                f"number of parameters ({n['lora']:,}), and of full fine-tuning as a reference, "
+                f"number of parameters ({n_lora}), and of full fine-tuning as a reference, "
                 f"all on the paper-03 mix4 base ({paper03.model_name(p)}); bars: mean over "
                 "seeds, whiskers: min-max, dots: seeds.",
             ),
@@ -224,11 +267,15 @@ def report(store: Store, p: Profile, out: Path) -> Section:
                 "parameter count, LoRA can)",
                 "paper04",
                 f"hist: prefix {ms(acc['prefix'])} vs LoRA {ms(acc['lora'])}, "
-                f"{n['lora']:,} parameters each; full FT (reference) {ms(acc['full'])}",
+                f"{n_lora} parameters each; full FT (reference) {ms(acc['full'])}",
                 result,
             )
         ],
     )
+
+
+def report(store: Store, p: Profile, out: Path) -> Section:
+    return render(measure(store, p), p, out)
 
 
 EXPERIMENT = Experiment("paper04", "Paper 04", runs, report)

@@ -13,6 +13,7 @@ settings are the same Run, trained once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -96,8 +97,26 @@ def runs(p: Profile) -> list[Run]:
     return [r for sweep in sweeps(p).values() for rs in sweep.values() for r in rs]
 
 
-def values(store: Store, rs: list[Run]) -> list[float]:
-    return [accuracy(store, r) for r in rs]
+@dataclass
+class Measured:
+    """The sweeps' numbers. points: sweep name -> point label -> held-out accuracy on TARGET
+    per seed, in ``sweeps`` order; base: the untuned mix4 bases' accuracy per seed on each of
+    their eval tasks."""
+
+    points: dict[str, dict[str, list[float]]]
+    base: dict[str, list[float]]
+
+
+def measure(store: Store, p: Profile) -> Measured:
+    """Every sweep point's accuracies and the untuned bases', read from the store."""
+    bases = base_runs(p)
+    return Measured(
+        points={
+            name: {k: [accuracy(store, r) for r in rs] for k, rs in sweep.items()}
+            for name, sweep in sweeps(p).items()
+        },
+        base={t: [accuracy(store, b, t) for b in bases] for t in bases[0].eval_tasks},
+    )
 
 
 def _line(ax, xs, per_point, label, **kw):
@@ -108,14 +127,15 @@ def _line(ax, xs, per_point, label, **kw):
         ax.scatter([x] * len(v), [100 * a for a in v], s=8, color="black", zorder=3)
 
 
-def plot(store: Store, p: Profile, path: Path) -> None:
-    s = sweeps(p)
+def plot(m: Measured, p: Profile, path: Path) -> None:
+    """sweeps.png: one panel per knob, and the untuned base on each skill."""
+    s = m.points
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     ylabel = f"held-out exact match on {TARGET} (%)"
 
     ax = axes[0, 0]
     ns = lengths(p)
-    _line(ax, ns, [values(store, rs) for rs in s["length"].values()], "prefix")
+    _line(ax, ns, list(s["length"].values()), "prefix")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("prefix length P")
@@ -124,14 +144,14 @@ def plot(store: Store, p: Profile, path: Path) -> None:
     ax = axes[0, 1]
     for method in ("prefix", "full"):
         lrs = [f * DEFAULT_LR[method] for f in LR_FACTORS[method]]
-        _line(ax, lrs, [values(store, rs) for rs in s[f"lr {method}"].values()], method)
+        _line(ax, lrs, list(s[f"lr {method}"].values()), method)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_title("learning rate")
 
     ax = axes[0, 2]
     groups = list(s["init"])
-    data = [values(store, rs) for rs in s["init"].values()]
+    data = list(s["init"].values())
     ax.bar(range(len(groups)), [100 * np.mean(v) for v in data], color=["tab:blue", "tab:orange"])
     for i, v in enumerate(data):
         ax.scatter([i] * len(v), [100 * a for a in v], s=8, color="black", zorder=3)
@@ -143,7 +163,7 @@ def plot(store: Store, p: Profile, path: Path) -> None:
     sizes = train_sizes(p)
     xs = [n or 4 * max(n for n in sizes if n) for n in sizes]
     for method in ("prefix", "full"):
-        _line(ax, xs, [values(store, rs) for rs in s[f"data {method}"].values()], method)
+        _line(ax, xs, list(s[f"data {method}"].values()), method)
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(xs, [str(n or "fresh") for n in sizes])
@@ -152,7 +172,7 @@ def plot(store: Store, p: Profile, path: Path) -> None:
 
     ax = axes[1, 1]
     groups = list(s["methods"])
-    data = [values(store, rs) for rs in s["methods"].values()]
+    data = list(s["methods"].values())
     ax.bar(range(len(groups)), [100 * np.mean(v) for v in data], color="tab:green")
     for i, v in enumerate(data):
         ax.scatter([i] * len(v), [100 * a for a in v], s=8, color="black", zorder=3)
@@ -161,9 +181,8 @@ def plot(store: Store, p: Profile, path: Path) -> None:
     ax.set_title("methods and the prefix + LoRA hybrid")
 
     ax = axes[1, 2]
-    bases = base_runs(p)
     tasks = ("sort_asc", "sort_desc", "add1", "add2")
-    data = [[accuracy(store, b, t) for b in bases] for t in tasks]
+    data = [m.base[t] for t in tasks]
     ax.bar(range(len(tasks)), [100 * np.mean(v) for v in data], color="tab:grey")
     for i, v in enumerate(data):
         ax.scatter([i] * len(v), [100 * a for a in v], s=8, color="black", zorder=3)
@@ -185,24 +204,17 @@ def plot(store: Store, p: Profile, path: Path) -> None:
     plt.close(fig)
 
 
-def report(store: Store, p: Profile, out: Path) -> Section:
-    plot(store, p, out / "sweeps.png")
-    tables = []
-    for name, sweep in sweeps(p).items():
-        tables.append(
-            markdown_table(
-                [name, f"{TARGET} accuracy"],
-                [[k, ms(values(store, rs))] for k, rs in sweep.items()],
-            )
-        )
-    bases = base_runs(p)
-    tables.insert(
-        0,
-        markdown_table(
-            ["mix4 base, untuned", "accuracy"],
-            [[t, ms([accuracy(store, b, t) for b in bases])] for t in bases[0].eval_tasks],
-        ),
-    )
+def render(m: Measured, p: Profile, out: Path) -> Section:
+    """sweeps.png into ``out``, and the Section: the untuned bases' table, then one table per
+    sweep."""
+    plot(m, p, out / "sweeps.png")
+    tables = [
+        markdown_table(["mix4 base, untuned", "accuracy"], [[t, ms(v)] for t, v in m.base.items()])
+    ]
+    tables += [
+        markdown_table([name, f"{TARGET} accuracy"], [[k, ms(v)] for k, v in points.items()])
+        for name, points in m.points.items()
+    ]
     return Section(
         title="Sweeps behind the field's claims",
         text=__doc__.split("\n\n", 1)[1].strip(),
@@ -218,6 +230,10 @@ def report(store: Store, p: Profile, out: Path) -> Section:
             )
         ],
     )
+
+
+def report(store: Store, p: Profile, out: Path) -> Section:
+    return render(measure(store, p), p, out)
 
 
 EXPERIMENT = Experiment("sweeps", "Sweeps", runs, report)
