@@ -205,8 +205,36 @@ def _pre_hook(layer: int):
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs["hidden_states"]
         _Recorder.active.inputs[layer] = (x, kwargs.get("position_embeddings"))
+        cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+        if cache is not None and layer < len(getattr(cache, "layers", ())):
+            _stop_growing(cache.layers[layer])
 
     return hook
+
+
+def _stop_growing(cache_layer: Any) -> None:
+    """Make a DynamicCache layer return [cached, new] keys and values without storing them. A
+    recording run's cache (the prefix, PEFT's or ours, or the empty one the model makes) is not
+    read after the forward, but a growing one keeps every layer's keys and values for the whole
+    batch alive until the forward ends (GPT-2 small, 64 inputs of 19 tokens: ~100 MiB a run)."""
+    from transformers.cache_utils import DynamicLayer
+
+    global _PrefixOnlyLayer
+    if _PrefixOnlyLayer is None:
+
+        class _PrefixOnly(DynamicLayer):
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized or self.keys.numel() == 0:
+                    return key_states, value_states
+                keys = torch.cat([self.keys, key_states], dim=-2)
+                return keys, torch.cat([self.values, value_states], dim=-2)
+
+        _PrefixOnlyLayer = _PrefixOnly
+    if type(cache_layer) is DynamicLayer:
+        cache_layer.__class__ = _PrefixOnlyLayer
+
+
+_PrefixOnlyLayer: type | None = None
 
 
 @contextlib.contextmanager
@@ -301,6 +329,7 @@ class _Setup:
     base_runner: nn.Module | None = None
     base_off: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     frozen: list[bool] = field(default_factory=list)
+    own_head: list[bool] = field(default_factory=list)  # per layer: see _own_head
     what: str = ""
 
     @property
@@ -520,7 +549,23 @@ def _setup(base_model, prefix, tuned_model, batch: int) -> _Setup:
     s.frozen = _frozen_layers(base_model, s.tuned) if s.tuned is not base_model else None
     if s.frozen is None:
         s.frozen = [True] * _shape(base_model).n_layers
+    s.own_head = _own_head(base_model, s.tuned)
     return s
+
+
+def _own_head(base: nn.Module, tuned: nn.Module) -> list[bool]:
+    """Per layer, whether the tuned run's head input side (norm, q/k/v projections) *is* the
+    base's: the same module objects, none wrapped by an adapter (prefix and prompt tuning, a raw
+    prefix, weight adapters elsewhere). There the frozen head recomputed from the base weights
+    is the same call on the same input as the run's own."""
+    arch = _architecture(base)
+    return [
+        all(m is t and base_module(m) is m for m, t in zip(mine, theirs, strict=True))
+        for mine, theirs in (
+            (arch.head_input(bb), arch.head_input(tb))
+            for bb, tb in zip(arch.layers(base), arch.layers(tuned), strict=True)
+        )
+    ]
 
 
 # ------------------------------------------------------------------------------------------
@@ -714,8 +759,16 @@ def _forward(s: _Setup, tokens: Tensor, offset: int, rows: slice, keep: int, bas
     ).logits
 
 
-def _make_record(s: _Setup, layer: int, r: dict, T: int, frozen: bool = True) -> AttentionRecord:
-    """The recorded tensors of one layer -> an AttentionRecord of the T content queries."""
+def _make_record(
+    s: _Setup, layer: int, r: dict, T: int, frozen: bool = True, recompute: int | None = None
+) -> AttentionRecord:
+    """The recorded tensors of one layer -> an AttentionRecord of the T content queries.
+
+    recompute: on a layer whose head input side *is* the base's own modules (:func:`_own_head`:
+    the same norm and q/k/v modules, no adapter wrapped around them, so recomputing the frozen
+    head is the very call the run just made, on the very same input), the frozen head is
+    recomputed from the base weights on the first ``recompute`` inputs only and the recorded
+    q/k/v stand for it on the others (exact: same weights, same input). None: every input."""
     from probe.probes import AttentionRecord
 
     arch = _architecture(s.base)
@@ -725,6 +778,23 @@ def _make_record(s: _Setup, layer: int, r: dict, T: int, frozen: bool = True) ->
     S = q.shape[2] - T  # leading virtual-token queries (prompt tuning)
     K = key.shape[2]
     P = K - T
+    if not frozen:  # the base run: only its pattern is used (downstream drift)
+        empty = q.new_empty(q.shape[0], T, q.shape[1], 0)
+        none = q.new_empty(q.shape[0], P, q.shape[1], 0) if P else None
+        return AttentionRecord(
+            q=empty,
+            k=empty,
+            v=empty,
+            prefix_k=none,
+            prefix_v=none,
+            pattern=w[:, :, S:],
+            z=empty,
+            q_frozen=empty,
+            k_frozen=empty,
+            v_frozen=empty,
+            W_O=empty[0, 0],
+            layer=layer,
+        )
 
     def ours(t):  # [b, G, K, e] -> [b, K, H, e], one k/v per query head
         t = t.transpose(1, 2)
@@ -741,32 +811,39 @@ def _make_record(s: _Setup, layer: int, r: dict, T: int, frozen: bool = True) ->
         z=z[:, S:],
         layer=layer,
     )
-    if not frozen:  # the base run: only its pattern is used (downstream drift)
-        empty = rec["q"].new_empty(*rec["q"].shape[:3], 0)
-        return AttentionRecord(
-            **{**rec, "q": empty, "k": empty, "v": empty, "z": empty},
-            q_frozen=empty,
-            k_frozen=empty,
-            v_frozen=empty,
-            W_O=empty[0, 0],
-        )
-    x = r["x"][:, S:].contiguous()
+    b = q.shape[0]
+    n = b if recompute is None or not s.own_head[layer] else min(recompute, b)
     base_attn = arch.attn(arch.layers(s.base)[layer])
-    q_f, k_f, v_f = arch.qkv(base_attn, x, shape)
-    if arch.rotary:
-        cos, sin = (c[:, S:] for c in r["pos"])
-        q_f, k_f = rotate(q_f, cos, sin), rotate(k_f, cos, sin)
-    if groups > 1:
-        k_f, v_f = (t.repeat_interleave(groups, dim=2) for t in (k_f, v_f))
+    frozen_qkv = None
+    if n:
+        x = r["x"][:n, S:].contiguous()
+        q_f, k_f, v_f = arch.qkv(base_attn, x, shape)
+        if arch.rotary:
+            cos, sin = (c[:n, S:] for c in r["pos"])
+            q_f, k_f = rotate(q_f, cos, sin), rotate(k_f, cos, sin)
+        if groups > 1:
+            k_f, v_f = (t.repeat_interleave(groups, dim=2) for t in (k_f, v_f))
+        frozen_qkv = (q_f, k_f, v_f)
+    if n < b:  # the recorded rows stand for the frozen head on the other inputs
+        own = (rec["q"], rec["k"], rec["v"])
+        frozen_qkv = (
+            own
+            if not n
+            else tuple(torch.cat([f, o[n:]]) for f, o in zip(frozen_qkv, own, strict=True))
+        )
     tuned_attn = arch.attn(arch.layers(s.tuned)[layer])
     return AttentionRecord(
         **rec,
-        q_frozen=q_f,
-        k_frozen=k_f,
-        v_frozen=v_f,
+        q_frozen=frozen_qkv[0],
+        k_frozen=frozen_qkv[1],
+        v_frozen=frozen_qkv[2],
         W_O=arch.W_O(tuned_attn, shape, False).detach(),
         W_O_frozen=arch.W_O(base_attn, shape, True).detach(),
     )
+
+
+class _Stop(Exception):
+    """Raised after the last layer's attention was recorded when nothing after it is needed."""
 
 
 def _run(
@@ -777,15 +854,26 @@ def _run(
     on_record,
     keep: int = 1,
     base: bool = False,
-) -> Tensor:
-    """Run tokens[rows] with recording; ``on_record(record)`` per layer, in layer order."""
+    recompute: int | None = None,
+    stop: bool = False,
+) -> Tensor | None:
+    """Run tokens[rows] with recording; ``on_record(record)`` per layer, in layer order (None:
+    no records, only the logits). ``stop``: end the forward once the last layer's attention is
+    recorded (the last MLP, the final norm and the logits are not computed; returns None)."""
     T = tokens.shape[1]
+    last = _shape(s.base).n_layers - 1
 
     def on_layer(layer, r):
-        on_record(_make_record(s, layer, r, T, frozen=not base))
+        if on_record is not None:
+            on_record(_make_record(s, layer, r, T, frozen=not base, recompute=recompute))
+        if stop and layer == last:
+            raise _Stop
 
     with _recording(s.base_runner if base else s.runner, on_layer):
-        return _forward(s, tokens, offset, rows, keep, base)
+        try:
+            return _forward(s, tokens, offset, rows, keep, base)
+        except _Stop:
+            return None
 
 
 @torch.no_grad()
@@ -873,7 +961,7 @@ def verify_hf(s: _Setup, tokens: Tensor, offset: int, rows: int = 2, steps: int 
     first input must match ``generate`` token for token. Raises RuntimeError otherwise.
     """
     sub = slice(0, min(rows, tokens.shape[0]))
-    ours = _run(s, tokens, offset, sub, lambda r: None, keep=0)
+    ours = _run(s, tokens, offset, sub, None, keep=0)
     was_training = s.runner.training
     s.runner.eval()
     try:
@@ -892,7 +980,7 @@ def verify_hf(s: _Setup, tokens: Tensor, offset: int, rows: int = 2, steps: int 
         return err  # generate cannot take a raw prefix or shifted positions
     seq = tokens[:1]
     for _ in range(steps):
-        nxt = _run(s, seq, offset, slice(None), lambda r: None, keep=1)[:, -1].argmax(-1)
+        nxt = _run(s, seq, offset, slice(None), None, keep=1)[:, -1].argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1159,14 +1247,14 @@ def _check_hf(
     for t, rows in batches:
         base_recs: list[AttentionRecord] = []
         if downstream:
-            _run(s, t, offset, rows, base_recs.append, base=True)
+            _run(s, t, offset, rows, base_recs.append, base=True, stop=True)
 
         def on_record(rec, base_recs=base_recs):
             accs[rec.layer].add(rec, base_recs[rec.layer] if base_recs else None, tol_factor)
             if len(kept) == rec.layer:  # the first chunk's first input, for the CLI's header
                 kept.append(_first_row(rec))
 
-        _run(s, t, offset, rows, on_record)
+        _run(s, t, offset, rows, on_record, recompute=1, stop=True)
     with _small_linalg():
         merged = [acc.result(i) for i, acc in enumerate(accs)]
     expected = [s.P > 0 and f for f in s.frozen]
@@ -1361,17 +1449,18 @@ def check_theorem_dirs(
     what = None
     if adapter_dir is None:
         first = tokens if isinstance(tokens, Tensor) else tokens[0]
-        s = _shape(base)
-        groups = s.n_heads // s.n_kv_heads
-        plain = hf_records(base, first[:16], verify=False)
-        stats = {
-            f"blocks.{r.layer}.attn.hook_{n}": getattr(r, n)[:, :, ::groups]
-            for r in plain
-            for n in "kv"
-        }
+        stats: dict[str, Tensor] = {}  # the base's own keys and values [b, T, G, e], no records
+
+        def on_layer(layer, r):
+            for n in "kv":
+                stats[f"blocks.{layer}.attn.hook_{n}"] = r[n].transpose(1, 2)
+
+        plain = _setup(base, None, None, min(16, first.shape[0]))
+        with _recording(base, on_layer):
+            _forward(plain, first[:16], 0, slice(None), 1)
         g = torch.Generator().manual_seed(seed)
-        kwargs["prefix"] = random_prefix(stats, len(plain), prefix_len, g)
-        del plain, stats  # free the records before the check
+        kwargs["prefix"] = random_prefix(stats, _shape(base).n_layers, prefix_len, g)
+        del stats  # free the keys and values before the check
         what = f"a random key/value prefix, P={prefix_len}"
     elif "tuned_model" in kwargs:
         tuned = kwargs["tuned_model"]
