@@ -56,9 +56,12 @@ safe without it; the entry points raise :class:`MissingExtraError` saying what t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -158,12 +161,19 @@ class _Recorder:
     as a layer's attention ran, with ``rec`` a dict of its tensors (:func:`_recording_attention`);
     it keeps what it needs, so a run holds one layer's tensors at a time."""
 
-    active: _Recorder | None = None
-
     def __init__(self, on_layer: Callable[[int, dict], None]):
         self.on_layer = on_layer
         self.inputs: dict[int, tuple[Tensor, Any]] = {}  # layer -> (x, position_embeddings)
         self.seen: set[int] = set()
+
+    @staticmethod
+    def current() -> _Recorder | None:
+        """The recorder of the run in progress on this thread (:func:`_check_hf` runs the base
+        model on a second thread while the tuned one runs on the first)."""
+        return getattr(_THREAD, "recorder", None)
+
+
+_THREAD = threading.local()
 
 
 def _recording_attention(
@@ -172,7 +182,7 @@ def _recording_attention(
     """Eager attention that records. query [b, H, Tq, e] (rotated), key/value [b, G, K, e] with the
     cache (PEFT's prefix) prepended, attention_mask additive [b, 1, Tq, K] (HF's eager mask).
     Returns (z [b, Tq, H, e], pattern [b, H, Tq, K]) as every HF attention function does."""
-    rec = _Recorder.active
+    rec = _Recorder.current()
     if rec is None:
         raise RuntimeError("probe.hf's recording attention ran outside a recording run")
     window = kwargs.get("sliding_window")
@@ -203,8 +213,11 @@ def _recording_attention(
 
 def _pre_hook(layer: int):
     def hook(module, args, kwargs):
+        rec = _Recorder.current()
+        if rec is None:
+            return
         x = args[0] if args else kwargs["hidden_states"]
-        _Recorder.active.inputs[layer] = (x, kwargs.get("position_embeddings"))
+        rec.inputs[layer] = (x, kwargs.get("position_embeddings"))
         cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
         if cache is not None and layer < len(getattr(cache, "layers", ())):
             _stop_growing(cache.layers[layer])
@@ -238,34 +251,54 @@ _PrefixOnlyLayer: type | None = None
 
 
 @contextlib.contextmanager
-def _recording(model: nn.Module, on_layer: Callable[[int, dict], None]) -> Iterator[_Recorder]:
-    """Within the block, ``model`` (a PEFT or HF model) runs in eval mode with the recording
-    attention; everything is restored on exit."""
+def _record_mode(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Within the block, ``models`` (PEFT or HF models) run in eval mode with the recording
+    attention and the input pre-hooks; everything is restored on exit. A forward records into
+    its thread's :class:`_Recorder` (:func:`_recording`)."""
     require_hf()
-    hf_model = _hf_model(model)
-    arch = _architecture(hf_model)
-    blocks = arch.layers(hf_model)
-    cfg = hf_model.config
-    rec = _Recorder(on_layer)
-    old_impl, was_training = cfg._attn_implementation, model.training
-    handles = [
-        arch.attn(b).register_forward_pre_hook(_pre_hook(i), with_kwargs=True)
-        for i, b in enumerate(blocks)
-    ]
-    prev, _Recorder.active = _Recorder.active, rec
-    cfg._attn_implementation = _ATTN_NAME
-    model.eval()
+    training = [(m, m.training) for m in models]
+    hf_models = list({id(h): h for h in map(_hf_model, models)}.values())
+    impls = [(h.config, h.config._attn_implementation) for h in hf_models]
+    handles = []
     try:
-        yield rec
+        for h in hf_models:
+            arch = _architecture(h)
+            handles += [
+                arch.attn(b).register_forward_pre_hook(_pre_hook(i), with_kwargs=True)
+                for i, b in enumerate(arch.layers(h))
+            ]
+            h.config._attn_implementation = _ATTN_NAME
+        for m in models:
+            m.eval()
+        yield
     finally:
-        cfg._attn_implementation = old_impl
-        model.train(was_training)
-        _Recorder.active = prev
+        for cfg, impl in impls:
+            cfg._attn_implementation = impl
+        for m, was_training in reversed(training):
+            m.train(was_training)
         for h in handles:
             h.remove()
-    if rec.seen and len(rec.seen) != len(blocks):
+
+
+@contextlib.contextmanager
+def _recording(
+    model: nn.Module, on_layer: Callable[[int, dict], None], moded: bool = False
+) -> Iterator[_Recorder]:
+    """Within the block, a forward of ``model`` (a PEFT or HF model) on this thread records into
+    a new :class:`_Recorder` (``on_layer`` per layer). ``moded``: the caller already holds
+    :func:`_record_mode` for ``model``; else it is entered (and left) here."""
+    hf_model = _hf_model(model)
+    n_layers = len(_architecture(hf_model).layers(hf_model))
+    rec = _Recorder(on_layer)
+    prev, _THREAD.recorder = _Recorder.current(), rec
+    try:
+        with contextlib.nullcontext() if moded else _record_mode([model]):
+            yield rec
+    finally:
+        _THREAD.recorder = prev
+    if rec.seen and len(rec.seen) != n_layers:
         raise RuntimeError(
-            f"the recording attention ran at layers {sorted(rec.seen)} of {len(blocks)}; this "
+            f"the recording attention ran at layers {sorted(rec.seen)} of {n_layers}; this "
             f"{type(hf_model).__name__} does not route every layer through AttentionInterface"
         )
 
@@ -856,6 +889,7 @@ def _run(
     base: bool = False,
     recompute: int | None = None,
     stop: bool = False,
+    moded: bool = False,
 ) -> Tensor | None:
     """Run tokens[rows] with recording; ``on_record(record)`` per layer, in layer order (None:
     no records, only the logits). ``stop``: end the forward once the last layer's attention is
@@ -869,7 +903,7 @@ def _run(
         if stop and layer == last:
             raise _Stop
 
-    with _recording(s.base_runner if base else s.runner, on_layer):
+    with _recording(s.base_runner if base else s.runner, on_layer, moded):
         try:
             return _forward(s, tokens, offset, rows, keep, base)
         except _Stop:
@@ -1121,9 +1155,14 @@ def _merge_drift(parts: list[tuple[Drift, int]]) -> Drift:
     )
 
 
-def chunk_size(model: nn.Module, T: int, budget: float = 0.25) -> int:
+def chunk_size(model: nn.Module, T: int, budget: float = 1 / 16) -> int:
     """Inputs per chunk so that one chunk's activations stay within ``budget`` x the model's
-    size: a layer's tensors (about 16 [T, d_model]-sized ones per input) times two runs."""
+    size: a layer's tensors (about 16 [T, d_model]-sized ones per input) times two runs.
+
+    The default is a sixteenth: the allocator's heap holds several times a chunk's live
+    activations between runs (freed blocks it keeps), so the peak beyond the weights grows with
+    the chunk. On GPT-2 small (19 tokens) it gives 16 inputs a chunk; chunks of 64 (a quarter)
+    peaked ~400 MiB higher for ~5% less time."""
     s = _shape(model)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     per_input = 2 * 16 * T * max(s.d_model, s.n_heads * s.d_head) * _dtype(model).itemsize
@@ -1147,7 +1186,7 @@ def check_hf(
 
     Arguments as for :func:`hf_records`; ``tokens`` may also be a list of [1, T_i] tensors (texts
     of different lengths, each its own chunk). The batch is processed ``chunk`` inputs at a time
-    (default :func:`chunk_size`: a quarter of the model's size in activations) and the per-layer
+    (default :func:`chunk_size`: a sixteenth of the model's size in activations) and the per-layer
     results merged: errors and drift maxima are maxima, tolerances the largest chunk's, the bias
     subspace exact over all rows. The merged decompositions keep ``alpha`` [1, H, N] and
     ``beta`` [1, H, N, P] over the N = batch x T content rows; ``A``, ``z_base``, ``bias`` and
@@ -1195,6 +1234,17 @@ def _positions(s: _Setup, offset: int, T: int) -> str:
 
 
 @contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` within the block (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def _small_linalg() -> Iterator[None]:
     """One thread and subnormals flushed to 0 within the block (both restored after), for the
     many small QRs/SVDs of the bias subspace: on a loaded 2-core machine LAPACK ran them 8x
@@ -1231,8 +1281,11 @@ def _check_hf(
     if pieces:
         for p in pieces:
             _check_tokens(s.base, p, offset)
-    if verify:
-        verify_hf(s, first, offset)
+    # The base run of the next chunk (downstream drift) runs on a second thread while this one
+    # runs the tuned model and the probes, each thread at one intra-op thread: on 2 cores that
+    # keeps both busy without OpenMP's barriers, which cost 4x on a machine shared with other
+    # jobs. Not where the base run switches an adapter off (a LoRA injected into the base).
+    parallel = downstream and s.base_off is contextlib.nullcontext
     size = chunk or chunk_size(s.base, first.shape[1])
     if s.kind == "kv" and pieces and s.kv[0].keys.shape[0] != 1:
         raise ValueError("per-example raw prefixes need one token batch, not a list of texts")
@@ -1244,17 +1297,42 @@ def _check_hf(
     n_layers = _shape(s.base).n_layers
     accs = [_LayerAcc() for _ in range(n_layers)]
     kept: list[AttentionRecord] = []
-    for t, rows in batches:
-        base_recs: list[AttentionRecord] = []
+
+    def base_records(t, rows) -> list[AttentionRecord]:
+        recs: list[AttentionRecord] = []
         if downstream:
-            _run(s, t, offset, rows, base_recs.append, base=True, stop=True)
+            with torch.no_grad():  # grad mode is per thread: off here too (no saved activations)
+                _run(s, t, offset, rows, recs.append, base=True, stop=True, moded=True)
+            _release_heap()
+        return recs
 
-        def on_record(rec, base_recs=base_recs):
-            accs[rec.layer].add(rec, base_recs[rec.layer] if base_recs else None, tol_factor)
-            if len(kept) == rec.layer:  # the first chunk's first input, for the CLI's header
-                kept.append(_first_row(rec))
+    with contextlib.ExitStack() as stack:
+        if parallel:
+            stack.enter_context(_threads(1))
+        if verify:
+            verify_hf(s, first, offset)
+        stack.enter_context(_record_mode([s.runner, s.base_runner]))
+        pool = None
+        if parallel and len(batches) > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(1, initializer=torch.set_num_threads,
+                                                          initargs=(1,)))  # fmt: skip
+            pending = pool.submit(base_records, *batches[0])
+        for i, (t, rows) in enumerate(batches):
+            if pool is not None:
+                base_recs = pending.result()
+                if i + 1 < len(batches):
+                    pending = pool.submit(base_records, *batches[i + 1])
+            else:
+                base_recs = base_records(t, rows)
 
-        _run(s, t, offset, rows, on_record, recompute=1, stop=True)
+            def on_record(rec, base_recs=base_recs):
+                accs[rec.layer].add(rec, base_recs[rec.layer] if base_recs else None, tol_factor)
+                if len(kept) == rec.layer:  # the first chunk's first input, for the CLI's header
+                    kept.append(_first_row(rec))
+
+            _run(s, t, offset, rows, on_record, recompute=1, stop=True, moded=True)
+            del base_recs, on_record
+            _release_heap()
     with _small_linalg():
         merged = [acc.result(i) for i, acc in enumerate(accs)]
     expected = [s.P > 0 and f for f in s.frozen]
@@ -1268,6 +1346,24 @@ def _check_hf(
         expected=expected,
     )
     return HFCheck(result, s.what, kept, list(s.frozen), _positions(s, offset, first.shape[1]))
+
+
+def _release_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A run frees its activations, but glibc keeps the freed blocks between live ones, so without
+    this the resident memory of a check grows by several chunks' activations."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC(0)
+
+
+_LIBC: Any = None
 
 
 def _first_row(rec: AttentionRecord) -> AttentionRecord:
