@@ -1546,13 +1546,16 @@ def check_theorem_dirs(
     if adapter_dir is None:
         first = tokens if isinstance(tokens, Tensor) else tokens[0]
         stats: dict[str, Tensor] = {}  # the base's own keys and values [b, T, G, e], no records
+        last = _shape(base).n_layers - 1
 
         def on_layer(layer, r):
             for n in "kv":
                 stats[f"blocks.{layer}.attn.hook_{n}"] = r[n].transpose(1, 2)
+            if layer == last:
+                raise _Stop  # nothing after the last attention is needed
 
         plain = _setup(base, None, None, min(16, first.shape[0]))
-        with _recording(base, on_layer):
+        with _threads(1), _recording(base, on_layer), contextlib.suppress(_Stop):
             _forward(plain, first[:16], 0, slice(None), 1)
         g = torch.Generator().manual_seed(seed)
         kwargs["prefix"] = random_prefix(stats, _shape(base).n_layers, prefix_len, g)
