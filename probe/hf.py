@@ -86,6 +86,14 @@ PROMPT_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 
 _ATTN_NAME = "prefix_probe_record"  # our entry in transformers' AttentionInterface
 
+# `probe check-theorem --base HF_DIR`'s default number of inputs (our own models: 256). The
+# check's cost is two forwards per input, and 128 inputs already overdetermine what it
+# estimates: per head and layer the bias subspace stacks N = 128 x T rows (2,432 for the
+# 19-token sort_asc inputs) against 3 d_head columns (192 on GPT-2 small), its ranks are at most
+# P and d_head, and every identity error and drift maximum is taken over those N query rows.
+# At 256, the GPT-2-small check took 27 s at load 3.3 on 2 cores; at 128, 18 s.
+CHECK_INPUTS = 128
+
 
 class MissingExtraError(ImportError):
     """The optional ``hf`` extra (peft, transformers) is not installed."""
@@ -1578,6 +1586,7 @@ def check_theorem_dirs(
 
 
 __all__ = [
+    "CHECK_INPUTS",
     "HFCheck",
     "INSTALL_HINT",
     "SUPPORTED_ARCHITECTURES",

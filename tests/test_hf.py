@@ -879,3 +879,18 @@ def test_check_theorem_on_text_through_the_saved_tokenizer(tmp_path, capsys):
     # the same check through the API on the same ids: texts of different lengths are chunks
     res = hf.check_hf(base, [ids[0], ids[1]], prefix=pm)
     assert res.ok and res.decompositions[0].alpha.shape == (1, 4, 6 + 2)
+
+
+def test_check_theorem_on_an_hf_dir_defaults_to_fewer_inputs(tmp_path, capsys):
+    """`probe check-theorem --base HF_DIR` checks hf.CHECK_INPUTS (128) inputs unless --n says
+    otherwise; our own models keep 256."""
+    from probe.cli import build_parser, main
+
+    make("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert hf.CHECK_INPUTS == 128
+    assert main(["check-theorem", "--base", str(tmp_path / "model")]) == 0
+    assert "128 sort_asc inputs" in capsys.readouterr().out
+    assert main(["check-theorem", "--base", str(tmp_path / "model"), "--n", "3"]) == 0
+    assert "3 sort_asc inputs" in capsys.readouterr().out
+    assert build_parser().parse_args(["check-theorem", "--base", "x"]).n is None
