@@ -1337,6 +1337,8 @@ def _check_hf(
                 accs[rec.layer].add(rec, base_recs[rec.layer] if base_recs else None, tol_factor)
                 if len(kept) == rec.layer:  # the first chunk's first input, for the CLI's header
                     kept.append(_first_row(rec))
+                if rec.layer % 4 == 3:  # within a run too: ~40 MiB less peak, ~5% more time
+                    _release_heap()
 
             _run(s, t, offset, rows, on_record, recompute=1, stop=True, moded=True)
             del base_recs, on_record
