@@ -40,10 +40,16 @@ def build(arch: str, path: Path) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def peak_rss(cmd: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of ``cmd`` under GNU time."""
+    """(wall seconds, peak RSS bytes, stdout) of ``cmd`` under GNU time, run with this checkout's
+    code first on the path (not whatever copy of prefix-probe the interpreter has installed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+           os.environ.get("PYTHONPATH")]))}  # fmt: skip
     start = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    out = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if out.returncode not in (0, 1):
         raise SystemExit(out.stderr[-2000:])
@@ -55,7 +61,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", nargs="+", default=["gpt2", "llama"])
     p.add_argument("--dir", default="/tmp/hf-cost")
+    p.add_argument("--n", type=int, help="inputs (default: the CLI's)")
     args = p.parse_args()
+    extra = [] if args.n is None else ["--n", str(args.n)]
     py = sys.executable
     imports = "import torch, transformers, peft, probe.hf as h, probe.cli; h.require_hf()"
     _, base_rss, _ = peak_rss([py, "-c", imports])
@@ -63,13 +71,18 @@ def main() -> None:
         path = Path(args.dir) / arch
         size = build(arch, path)
         load = os.getloadavg()
-        wall, rss, out = peak_rss([py, "-m", "probe.cli", "check-theorem", "--base", str(path)])
+        cmd = [py, "-m", "probe.cli", "check-theorem", "--base", str(path), *extra]
+        wall, rss, out = peak_rss(cmd)
+        after = os.getloadavg()
         ok = "FAIL" not in out and out.count(" ok ") > 0
+        inputs = out.splitlines()[0].split(": ", 1)[-1].split(",")[0] if out else "?"
         print(
-            f"{arch}: model {size / 2**20:.0f} MiB; check-theorem (defaults) {wall:.1f} s, peak "
+            f"{arch}: model {size / 2**20:.0f} MiB; check-theorem ({inputs}) {wall:.1f} s, peak "
             f"{(rss - base_rss) / 2**20:.0f} MiB beyond the interpreter "
             f"({(rss - base_rss) / size:.2f}x the model); identities {'ok' if ok else 'FAILED'}; "
-            f"load average before {load[0]:.2f} on {os.cpu_count()} cores"
+            f"load average (1 min) {load[0]:.2f} before, {after[0]:.2f} after, on "
+            f"{os.cpu_count()} cores",
+            flush=True,
         )
 
 

@@ -303,6 +303,8 @@ def cmd_check_theorem(args) -> int:
     from probe import hf, probes
     from tasks import test_set
 
+    if args.n is None:  # fewer by default on an HF model: see probe.hf.CHECK_INPUTS
+        args.n = hf.CHECK_INPUTS if hf.is_hf_model_dir(args.base) else 256
     if hf.is_hf_model_dir(args.base):  # a Hugging Face model: probe.hf (needs the hf extra)
         texts = list(args.text or [])
         if args.text_file:
@@ -484,7 +486,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="with an HF --base: probe this text, tokenized by the directory's tokenizer (repeat)",
     )
     p.add_argument("--text-file", help="with an HF --base: probe each non-empty line of this file")
-    p.add_argument("--n", type=positive_int, default=256, help="inputs (default %(default)s)")
+    p.add_argument(
+        "--n", type=positive_int, help="inputs (default 256; 128 with a Hugging Face --base)"
+    )
     p.add_argument("--prefix-len", type=int, default=4, help="random prefix P, no --adapter")
     p.add_argument("--seed", type=int, default=0, help="inputs and random prefix seed")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default: the saved dtype")

@@ -7,7 +7,9 @@ matching bug in a probe.
 """
 
 import ast
+import concurrent.futures
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -41,7 +43,7 @@ from transformers import (  # noqa: E402
 )
 
 import probe  # noqa: E402
-from probe import hf, probes  # noqa: E402
+from probe import hf, hf_arch, probes  # noqa: E402
 from probe.model import KVPrefix  # noqa: E402
 
 # PEFT calls a transformers API that transformers deprecates; not ours to fix.
@@ -434,7 +436,140 @@ def test_chunk_size_keeps_activations_to_a_fraction_of_the_model():
     model = make("gpt2", dtype=torch.float32)
     n = hf.chunk_size(model, T=19)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert 1 <= n and (n == 1 or n * 2 * 16 * 19 * 32 * 4 <= 0.25 * size)
+    assert 1 <= n and (n == 1 or n * 2 * 16 * 19 * 32 * 4 <= size / 16)
+    with torch.device("meta"):  # GPT-2 small's shape, no memory: 16 inputs of 19 tokens a chunk
+        small = GPT2LMHeadModel(GPT2Config())
+    assert hf.chunk_size(small, T=19) == 16
+
+
+# ------------------------------------------------------------------ what the check computes
+
+
+def test_frozen_head_recomputed_where_the_run_uses_other_modules(base, tokens, prefix_model,
+                                                                 arch):  # fmt: skip
+    """A prefix leaves the base's own head modules in the run: the check recomputes the frozen
+    head on the first input of a chunk and the recorded q/k/v stand for it on the others (the
+    same call on the same input). A PEFT model on a copy of the base, or a LoRA on W_Q/W_K
+    (wrapping them), runs other modules: recomputed on every input."""
+    assert hf._prepared(base, prefix_model, None, tokens, None)[0].own_head == [False] * L
+    kv = hf.hf_prefix(base, prefix_model, B)  # the same prefix, run by the base's own modules
+    s, offset = hf._prepared(base, kv, None, tokens, None)
+    assert s.own_head == [True] * L
+    full, reused = [], []
+    hf._run(s, tokens, offset, slice(None), full.append)
+    hf._run(s, tokens, offset, slice(None), reused.append, recompute=1)
+    for f, r in zip(full, reused, strict=True):
+        assert torch.equal(r.q_frozen[:1], f.q_frozen[:1])  # recomputed from the base weights
+        for n in "qkv":
+            assert torch.equal(getattr(r, f"{n}_frozen")[1:], getattr(r, n)[1:])
+            torch.testing.assert_close(getattr(f, f"{n}_frozen"), getattr(f, n), rtol=0, atol=TOL)
+    torch.manual_seed(5)
+    lora = get_peft_model(copy.deepcopy(base), lora_config(arch)).eval()
+    assert hf._prepared(base, None, lora, tokens, None)[0].own_head == [False] * L
+
+
+def test_a_wrong_frozen_head_still_fails_the_chunked_check(base, tokens, prefix_model, arch,
+                                                           monkeypatch):  # fmt: skip
+    """The recomputation is a real check: reading the frozen head wrongly (here: its queries
+    scaled by 1.01) fails the identities in chunks of one input and in one chunk of all."""
+    a = hf_arch.ARCHITECTURES[type(base).__name__]
+
+    def wrong_qkv(attn, x, shape):
+        q, k, v = a.qkv(attn, x, shape)
+        return 1.01 * q, k, v
+
+    kv = hf.hf_prefix(base, prefix_model, B)  # run by the base's own modules
+    assert hf.check_hf(base, tokens, prefix=kv, chunk=B).ok
+    monkeypatch.setitem(hf_arch.ARCHITECTURES, type(base).__name__,
+                        dataclasses.replace(a, qkv=wrong_qkv))  # fmt: skip
+    for chunk in (1, B):
+        res = hf.check_hf(base, tokens, prefix=kv, chunk=chunk, verify=False)
+        assert not res.ok and len(res.failures()) >= L
+
+
+def test_check_runs_nothing_after_the_last_attention_and_keeps_no_cache(tokens, prefix_model,
+                                                                        base):  # fmt: skip
+    """The check's runs end at the last layer's attention (its MLP, the final norm and the
+    logits are never computed), and a recording run's cache returns [prefix, new] keys without
+    keeping them (so a run never holds every layer's keys and values for its whole batch)."""
+    last = hf._architecture(base).layers(base)[-1]
+    mlp = next(m for n, m in last.named_children() if n == "mlp")
+
+    def boom(*_):
+        raise AssertionError("the last MLP ran")
+
+    handle = mlp.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(AssertionError, match="last MLP"):
+            base(input_ids=tokens)
+        assert hf.check_hf(base, tokens, prefix=prefix_model, verify=False).ok
+    finally:
+        handle.remove()
+    kv = hf.hf_prefix(base, prefix_model, B)
+    cache = hf._fresh_cache(kv)
+    layer = cache.layers[0]
+    hf._stop_growing(layer)
+    new = torch.zeros_like(layer.keys[:, :, :1])
+    keys, _ = cache.update(new, new, 0)
+    assert keys.shape[2] == P + 1 and cache.get_seq_length() == P
+    assert torch.equal(keys[:, :, :P], layer.keys)
+
+
+class _OneThreadPool:
+    """A stand-in for ThreadPoolExecutor that runs each task at once, on the calling thread."""
+
+    def __init__(self, *_, initializer=None, initargs=()):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+
+def test_base_runs_on_a_second_thread_give_the_same_check(tokens, monkeypatch):
+    """With a prefix the base run of the next chunk runs on a second thread (one intra-op
+    thread each): the same numbers as one thread doing both, and the caller's thread count and
+    grad mode are back after."""
+    base = make("llama")
+    torch.manual_seed(2)
+    pm = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM",
+                        num_virtual_tokens=P)).eval()  # fmt: skip
+    threads = torch.get_num_threads()
+    two = hf.check_hf(base, tokens, prefix=pm, chunk=1)
+    assert torch.get_num_threads() == threads and torch.is_grad_enabled()
+    monkeypatch.setattr(hf, "ThreadPoolExecutor", _OneThreadPool)
+    one = hf.check_hf(base, tokens, prefix=pm, chunk=1)
+    for kind in ("local", "downstream"):
+        for a, b in zip(getattr(one, kind), getattr(two, kind), strict=True):
+            assert torch.equal(a.max_abs, b.max_abs) and torch.equal(a.tv_mean, b.tv_mean)
+    for a, b in zip(one.subspaces, two.subspaces, strict=True):
+        assert torch.equal(a.singular_values, b.singular_values)
+    assert one.downstream[1].max_abs.max() > 1e-6  # the base run's patterns really arrived
+
+
+def test_the_cli_check_copies_no_model(tmp_path, monkeypatch):
+    """check_theorem_dirs runs the loaded model's own modules: no module is deep-copied, with a
+    random prefix or a saved adapter."""
+    base = make("gpt2", dtype=torch.float32)
+    base.save_pretrained(tmp_path / "model")
+    torch.manual_seed(2)
+    get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM",
+                   num_virtual_tokens=P)).save_pretrained(tmp_path / "prefix")  # fmt: skip
+
+    def no_copy(module, memo):
+        raise AssertionError(f"deepcopy of a {type(module).__name__}")
+
+    monkeypatch.setattr(torch.nn.Module, "__deepcopy__", no_copy, raising=False)
+    ids = torch.randint(1, V, (8, T), generator=torch.Generator().manual_seed(1))
+    for adapter in (None, tmp_path / "prefix"):
+        assert hf.check_theorem_dirs(tmp_path / "model", adapter, ids).result.ok
 
 
 # ------------------------------------------------------------------ prefix forms, dirs
@@ -752,3 +887,18 @@ def test_check_theorem_on_text_through_the_saved_tokenizer(tmp_path, capsys):
     # the same check through the API on the same ids: texts of different lengths are chunks
     res = hf.check_hf(base, [ids[0], ids[1]], prefix=pm)
     assert res.ok and res.decompositions[0].alpha.shape == (1, 4, 6 + 2)
+
+
+def test_check_theorem_on_an_hf_dir_defaults_to_fewer_inputs(tmp_path, capsys):
+    """`probe check-theorem --base HF_DIR` checks hf.CHECK_INPUTS (128) inputs unless --n says
+    otherwise; our own models keep 256."""
+    from probe.cli import build_parser, main
+
+    make("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert hf.CHECK_INPUTS == 128
+    assert main(["check-theorem", "--base", str(tmp_path / "model")]) == 0
+    assert "128 sort_asc inputs" in capsys.readouterr().out
+    assert main(["check-theorem", "--base", str(tmp_path / "model"), "--n", "3"]) == 0
+    assert "3 sort_asc inputs" in capsys.readouterr().out
+    assert build_parser().parse_args(["check-theorem", "--base", "x"]).n is None
