@@ -230,7 +230,7 @@ def report(store: Store, figures_dir: Path, p: Profile = QUICK) -> Path:
 def plot(store: Store, done: list[Trial], path: Path) -> None:
     groups = list(dict.fromkeys(t.group for t in done))
     fig, axes = plt.subplots(
-        2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False, sharey=True
+        2, len(groups), figsize=(4.6 * len(groups), 9.0), squeeze=False, sharey=True
     )
     for col, group in enumerate(groups):
         for t in (t for t in done if t.group == group):
@@ -242,13 +242,20 @@ def plot(store: Store, done: list[Trial], path: Path) -> None:
         axes[0, col].set_title(group)
         axes[0, col].set_xlabel("sequences seen")
         axes[1, col].set_xlabel("training seconds (1 thread)")
-        axes[0, col].legend(fontsize=7, loc="upper left")
+        # Below the panels, so that no label hides a curve.
+        axes[1, col].legend(
+            *axes[0, col].get_legend_handles_labels(),
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(-0.05, -0.2),
+            frameon=False,
+        )
         axes[0, col].xaxis.set_major_formatter(EngFormatter(sep=""))  # 100k, not 100000
         for row in (0, 1):
             axes[row, col].grid(alpha=0.3)
     for row in (0, 1):
         axes[row, 0].set_ylabel("held-out exact match (%)")
-    fig.suptitle("Time to accuracy of each recipe (seed 0)")
+    fig.suptitle("Time to accuracy of each recipe (seed 0 unless the label names another)")
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

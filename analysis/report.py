@@ -13,9 +13,9 @@ from analysis.runs import Run, Store
 @dataclass(frozen=True)
 class Profile:
     """How big to run: ``smoke`` (seconds, for tests), ``quick`` (the README's main job, about
-    half an hour on a 2-core laptop CPU), ``full`` (longer budgets where the quick profile's
-    curves still rise; about two hours on 2 cores), ``paper`` (the paper's model sizes and
-    budgets, meant for a GPU)."""
+    half an hour on a 2-core laptop CPU), ``full`` (the quick profile's runs plus longer budgets
+    where its curves still rise, sharing every other run with it; the README gives its measured
+    cost), ``paper`` (the paper's model sizes and budgets, meant for a GPU)."""
 
     name: str
 

@@ -130,7 +130,7 @@ DEFAULT_LR = {
 # Adapters train without weight decay. AdamW's decoupled decay pulls every trained weight
 # towards zero by lr * wd of itself per step: 1% a step for a prefix at lr 0.1, which held the
 # K/V prefix on the composition sort_asc_add1 (P=10, seed 0, 1,000 steps) at 85% where it
-# reaches 99% without (figures/recipes.md). LoRA was unaffected either way (73% / 72% on hist).
+# reaches 99% without (figures/recipes.md). LoRA was unaffected either way (73% / 74% on hist).
 # Full fine-tuning and pretraining keep the usual 0.1 (TrainConfig's default).
 DEFAULT_WEIGHT_DECAY = {
     "prefix": 0.0,
