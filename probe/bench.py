@@ -4,7 +4,7 @@ Everything is measured in one process, with one thread setting, through the real
 
 - **train**: training-step throughput (sequences/s) of pretraining and each tuning method at the
   paper's shapes, through :func:`probe.train.train` (data, forward, loss, backward, clipping,
-  fused AdamW), next to the paper's own code's ms/iteration on a 2-core machine;
+  fused AdamW);
 - **eval**: held-out evaluation throughput (:func:`probe.train.evaluate`, one forward pass);
 - **mfu**: model FLOPs utilisation: FLOPs of a step (``torch.utils.flop_counter``) x steps/s,
   over the fp32 matmul peak timed in the same run with the same threads;
@@ -12,7 +12,14 @@ Everything is measured in one process, with one thread setting, through the real
   (``probe pretrain`` to >= 90% sort-ascending, then full fine-tuning and prefix-tuning on
   sort-descending with ``probe tune``'s defaults and :data:`probe.train.DEFAULT_LR`);
 - **peer**: Hugging Face GPT-2 of the same shape with PEFT prefix-tuning, stepped the same way
-  and timed alternately with ours (so machine load hits both alike); needs the ``hf`` extra.
+  and timed alternately with ours (so machine load hits both alike); needs the ``hf`` extra;
+- **runs per pass**: what training K prefix runs on one frozen base as one batched forward would
+  gain over training them one at a time (per-run step time at K = 1, 4, 16), the measurement
+  that says whether batching runs pays on a device;
+- **compile** (``--compile``, off by default): pretraining under ``torch.compile`` against eager,
+  timed alternately, with the compile time counted.
+
+Every figure is measured in this run: nothing is compared with a number from another day.
 
 Peak memory is ``ru_maxrss`` (the process's peak resident set so far; rows run small to large),
 or ``torch.cuda.max_memory_allocated`` per row on a GPU. Timings on a shared machine are noisy:
@@ -35,11 +42,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from probe.adapters import adapter_config, make_adapter
 from probe.cli import build_parser, train_config  # time_to_accuracy uses the CLI's own defaults
-from probe.model import Transformer, preset
+from probe.model import KVPrefix, Transformer, preset
 from probe.train import (
     DEFAULT_LR,
     DEFAULT_WEIGHT_DECAY,
@@ -48,6 +56,7 @@ from probe.train import (
     evaluate,
     output_logits,
     pretrain,
+    train,
     tune,
 )
 from tasks import get_task
@@ -55,10 +64,6 @@ from tasks import get_task
 METHODS = ("pretrain", "full", "prefix", "prompt", "lora")
 PRETRAIN_TASK, TUNE_TASK = "sort_asc", "sort_desc"
 PEAK_SIZES = (256, 512, 1024)  # the peak is the fastest of these square fp32 products
-
-# The paper's official code on a 2-core CPU, batch 64: ms per iteration, as we measured it.
-PAPER_MS = {("01", "pretrain"): 49, ("01", "prefix"): 35, ("02", "pretrain"): 116,
-            ("02", "prefix"): 81, ("03", "pretrain"): 515, ("03", "prefix"): 431}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class BenchConfig:
     time_to_accuracy: bool = True
     peer: bool = True
     compare_threads: bool = True  # pretraining with 1 thread vs one per CPU
+    runs_per_pass: tuple[int, ...] = (1, 4, 16)  # K prefix runs batched on one base; () skips
+    compile: bool = False  # also time pretraining under torch.compile
     device: str = "cpu"
     threads: int | None = None  # None: leave torch's setting
     seed: int = 0
@@ -85,6 +92,8 @@ class BenchConfig:
             raise ValueError(f"unknown bench methods {bad}; choose from {METHODS}")
         for name in self.presets:
             preset(name)  # raises on an unknown preset
+        if any(k < 1 for k in self.runs_per_pass):
+            raise ValueError(f"BenchConfig.runs_per_pass must be >= 1, got {self.runs_per_pass}")
 
     def quick(self) -> BenchConfig:
         """Fewer steps and repeats (the time-to-accuracy run is unchanged: use --no-tta)."""
@@ -99,6 +108,8 @@ class BenchResult:
     time_to_accuracy: dict | None = None
     peer: list[dict] = field(default_factory=list)
     threads: list[dict] = field(default_factory=list)
+    runs_per_pass: list[dict] = field(default_factory=list)
+    compiled: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -193,10 +204,6 @@ def time_training(name: str, method: str, bench: BenchConfig) -> dict:
         "ms_per_step_runs": [1e3 * w / bench.steps for w in walls],
         "peak_mib": peak_memory_mib(bench.device),
     }
-    paper = PAPER_MS.get((name, method))
-    if paper is not None and bench.batch_size == 64:
-        row["paper_ms_per_step"] = paper
-        row["speedup_vs_paper"] = paper / row["ms_per_step"]
     return row
 
 
@@ -331,6 +338,107 @@ def peer_prefix(name: str, bench: BenchConfig) -> dict:
     }
 
 
+def batched_prefix(prefixes: list[list[KVPrefix]], rows: int) -> list[KVPrefix]:
+    """K runs' prefixes (each a list of per-layer [P, head, d_head] KVPrefixes) as one
+    per-example prefix for K x ``rows`` sequences, run i's on rows i*rows .. (i+1)*rows - 1:
+    per layer keys and values [K * rows, P, head, d_head]."""
+    return [
+        KVPrefix(
+            *(torch.stack(part).repeat_interleave(rows, 0) for part in zip(*runs, strict=True))
+        )
+        for runs in zip(*prefixes, strict=True)
+    ]
+
+
+def batched_prefix_loss(base: Transformer, adapters: list, tokens, targets, task) -> Tensor:
+    """The sum of K prefix runs' mean losses on one forward of their K x rows sequences
+    (tokens [K * rows, seq_len], run i's rows contiguous): each prefix's gradient is its own
+    run's, as if trained alone."""
+    k = len(adapters)
+    prefix = batched_prefix([a.prefix(base) for a in adapters], len(tokens) // k)
+    logits = output_logits(partial(base, prefix=prefix), tokens, task)
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return losses.view(k, -1).mean(1).sum()
+
+
+def time_runs_per_pass(name: str, bench: BenchConfig) -> dict:
+    """Per-run step time of K prefix runs trained as one pass on one frozen base.
+
+    K K/V prefixes (the adapter's defaults) on one base in train mode: one forward of
+    K x batch_size sequences (:func:`batched_prefix_loss`), backward, clipping per run, one
+    fused AdamW over all of them. Returns ``{"preset", "ms_per_run_step": {K: ms},
+    "gain": {K: ms at the first K / ms at K}}``.
+    """
+    bench = replace(bench, steps=min(bench.steps, 5), repeats=min(bench.repeats, 2))  # K x work
+    torch.manual_seed(bench.seed)
+    base = Transformer(preset(name)).to(bench.device).requires_grad_(False).train()
+    task = get_task(TUNE_TASK)
+    data = torch.Generator().manual_seed(bench.seed)
+
+    def step(adapters: list, optimiser) -> None:
+        batch = task.batch(len(adapters) * bench.batch_size, "train", data).to(bench.device)
+        loss = batched_prefix_loss(base, adapters, batch.tokens, batch.targets, task)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        for a in adapters:
+            torch.nn.utils.clip_grad_norm_(a.parameters(), 1.0)
+        optimiser.step()
+
+    per_run = {}
+    for k in bench.runs_per_pass:
+        adapters = [make_adapter("prefix", base).to(bench.device).train() for _ in range(k)]
+        params = [p for a in adapters for p in a.parameters()]
+        optimiser = torch.optim.AdamW(params, lr=DEFAULT_LR["prefix"], fused=FUSED_ADAMW)
+        step(adapters, optimiser), step(adapters, optimiser)  # warm-up
+        walls = []
+        for _ in range(bench.repeats):
+            _sync(bench.device)
+            start = time.perf_counter()
+            for _ in range(bench.steps):
+                step(adapters, optimiser)
+            _sync(bench.device)
+            walls.append(time.perf_counter() - start)
+        per_run[k] = 1e3 * statistics.median(walls) / bench.steps / k
+    first = per_run[bench.runs_per_pass[0]]
+    return {
+        "preset": name,
+        "ms_per_run_step": per_run,
+        "gain": {k: first / ms for k, ms in per_run.items()},
+    }
+
+
+def time_compiled(name: str, bench: BenchConfig, backend: str = "inductor") -> dict:
+    """Pretraining with the model under ``torch.compile(backend=backend)`` against eager, the
+    same training loop, repeats alternating. ``compile_s`` is the compiled model's first run
+    minus its median run: the compile time a run pays once."""
+    cfg = _timed_config(bench, bench.steps)
+
+    def trainer(compiled: bool):
+        torch.manual_seed(bench.seed)
+        model = Transformer(preset(name)).to(bench.device)
+        forward = torch.compile(model, backend=backend) if compiled else model
+        task = get_task(PRETRAIN_TASK)
+        return lambda: train(forward, model.parameters(), task, cfg, modules=[model]).seconds
+
+    eager, compiled = trainer(False), trainer(True)
+    start = time.perf_counter()
+    compiled()
+    first = time.perf_counter() - start
+    eager()  # warm-up
+    walls = {"eager": [], "compiled": []}
+    for _ in range(bench.repeats):
+        walls["eager"].append(eager())
+        walls["compiled"].append(compiled())
+    ms = {k: 1e3 * statistics.median(v) / bench.steps for k, v in walls.items()}
+    return {
+        "preset": name,
+        "eager_ms_per_step": ms["eager"],
+        "compiled_ms_per_step": ms["compiled"],
+        "compile_s": first - ms["compiled"] * bench.steps / 1e3,
+        "speedup": ms["eager"] / ms["compiled"],
+    }
+
+
 def time_threads(bench: BenchConfig) -> list[dict]:
     """Pretraining throughput with 1 thread and with one per CPU, at each preset."""
     counts = sorted({1, os.cpu_count() or 1})
@@ -385,6 +493,14 @@ def run_bench(bench: BenchConfig, log: Callable[[str], None] = print) -> BenchRe
         for name in bench.presets:
             result.peer.append(peer_prefix(name, bench))
             log(format_peer_row(result.peer[-1]))
+    if bench.runs_per_pass:
+        for name in bench.presets:
+            result.runs_per_pass.append(time_runs_per_pass(name, bench))
+            log(format_runs_per_pass_row(result.runs_per_pass[-1]))
+    if bench.compile:
+        for name in bench.presets:
+            result.compiled.append(time_compiled(name, bench))
+            log(format_compiled_row(result.compiled[-1]))
     if bench.time_to_accuracy:
         result.time_to_accuracy = time_to_accuracy(bench)
         log(f"time to accuracy (01): {result.time_to_accuracy['total_seconds']:.1f} s")
@@ -394,12 +510,25 @@ def run_bench(bench: BenchConfig, log: Callable[[str], None] = print) -> BenchRe
 
 
 def format_train_row(row: dict) -> str:
-    paper = row.get("paper_ms_per_step")
-    vs = f"{paper:>5d} {row['speedup_vs_paper']:5.1f}x" if paper else f"{'-':>5s} {'-':>6s}"
     return (
         f"{row['preset']:>6s} {row['method']:9s} {row['seq_per_s']:9,.0f} "
-        f"{row['ms_per_step']:8.1f} {row['cpu_ms_per_step']:8.1f} {vs} "
+        f"{row['ms_per_step']:8.1f} {row['cpu_ms_per_step']:8.1f} "
         f"{row['gflop_per_step']:7.2f} {row['mfu']:6.1%} {row['peak_mib']:8.0f}"
+    )
+
+
+def format_runs_per_pass_row(row: dict) -> str:
+    cells = [
+        f"K={k}: {ms:6.1f} ms ({row['gain'][k]:.2f}x)" for k, ms in row["ms_per_run_step"].items()
+    ]
+    return f"{row['preset']:>6s} " + "  ".join(cells)
+
+
+def format_compiled_row(row: dict) -> str:
+    return (
+        f"{row['preset']:>6s} eager {row['eager_ms_per_step']:7.1f} ms  compiled "
+        f"{row['compiled_ms_per_step']:7.1f} ms ({row['speedup']:.2f}x)  compile "
+        f"{row['compile_s']:.1f} s once"
     )
 
 
@@ -440,9 +569,9 @@ def format_table(result: BenchResult) -> str:
         f"batch {m['config']['batch_size']}, sequence length 19, fp32; medians of "
         f"{m['config']['repeats']} x {m['config']['steps']} steps",
         "",
-        "training step  (paper = the paper's code, ms/iteration on 2 cores)",
+        "training step",
         f"{'preset':>6s} {'method':9s} {'seq/s':>9s} {'ms/step':>8s} {'cpu ms':>8s} "
-        f"{'paper':>5s} {'vs':>6s} {'GFLOP':>7s} {'MFU':>6s} {'peak MiB':>8s}",
+        f"{'GFLOP':>7s} {'MFU':>6s} {'peak MiB':>8s}",
         *(format_train_row(r) for r in result.train),
     ]
     if result.eval:
@@ -461,6 +590,13 @@ def format_table(result: BenchResult) -> str:
         first = next((r for r in result.peer if "peer" in r), None)
         if first:
             lines.append(f"       peer: {first['peer']}")
+    if result.runs_per_pass:
+        lines += ["", "prefix runs per pass: ms per run-step with K runs batched on one base "
+                      "(gain over K=1)"]  # fmt: skip
+        lines += [format_runs_per_pass_row(r) for r in result.runs_per_pass]
+    if result.compiled:
+        lines += ["", "pretraining step under torch.compile (inductor) vs eager"]
+        lines += [format_compiled_row(r) for r in result.compiled]
     tta = result.time_to_accuracy
     if tta:
         lines += ["", "time to accuracy, paper 01 (probe pretrain / probe tune defaults)"]
@@ -488,7 +624,8 @@ def add_command(sub) -> None:
         help="speed: training/eval throughput, MFU, time to accuracy, a PEFT peer",
         description="How fast the toolkit trains here, now: training and evaluation throughput at "
         "the paper's shapes, MFU against a measured matmul peak, the paper's 01 end to end, "
-        "1 vs all threads, and HF GPT-2 + PEFT prefix-tuning measured side by side.",
+        "1 vs all threads, HF GPT-2 + PEFT prefix-tuning measured side by side, what batching "
+        "K prefix runs on one base would gain, and optionally torch.compile.",
     )
     p.add_argument("--preset", nargs="+", default=list(BenchConfig.presets), help="model presets")
     p.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS)
@@ -508,6 +645,17 @@ def add_command(sub) -> None:
     p.add_argument(
         "--no-thread-compare", action="store_true", help="skip pretraining with 1 vs all threads"
     )
+    p.add_argument(
+        "--runs-per-pass",
+        type=int,
+        nargs="*",
+        default=list(BenchConfig.runs_per_pass),
+        metavar="K",
+        help="K prefix runs batched on one base, per-run step time (default 1 4 16; none skips)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="also time pretraining under torch.compile"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--out", help="also write the results as JSON to this file")
     p.set_defaults(run=cmd_bench)
@@ -523,6 +671,8 @@ def cmd_bench(args) -> int:
         peer=not args.no_peer,
         time_to_accuracy=not args.no_tta,
         compare_threads=not args.no_thread_compare,
+        runs_per_pass=tuple(args.runs_per_pass),
+        compile=args.compile,
     )
     if args.quick:
         bench = bench.quick()
