@@ -1574,10 +1574,13 @@ def check_theorem_dirs(
                 raise _Stop  # nothing after the last attention is needed
 
         plain = _setup(base, None, None, min(16, first.shape[0]))
-        with _threads(1), _recording(base, on_layer), contextlib.suppress(_Stop):
-            _forward(plain, first[:16], 0, slice(None), 1)
-        g = torch.Generator().manual_seed(seed)
-        kwargs["prefix"] = random_prefix(stats, _shape(base).n_layers, prefix_len, g)
+        # One thread for the statistics too: on a loaded 2-core machine, two threads made their
+        # small mean/std reductions 10x slower (the same values: each is over one dimension).
+        with _threads(1):
+            with _recording(base, on_layer), contextlib.suppress(_Stop):
+                _forward(plain, first[:16], 0, slice(None), 1)
+            g = torch.Generator().manual_seed(seed)
+            kwargs["prefix"] = random_prefix(stats, _shape(base).n_layers, prefix_len, g)
         del stats  # free the keys and values before the check
         what = f"a random key/value prefix, P={prefix_len}"
     elif "tuned_model" in kwargs:

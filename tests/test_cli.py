@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prefix_probe.cli import build_parser, main
+from prefix_probe.cli import COMMANDS, build_parser, main
 from probe.cli import model_config
 from probe.model import Transformer
 
@@ -47,6 +47,31 @@ def test_one_parser_has_every_layers_commands():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     expected = {"tasks", "pretrain", "tune", "evaluate", "check-theorem", "bench", "reproduce"}
     assert expected <= set(sub.choices)
+
+
+def test_every_command_is_in_the_lazy_table_and_registers_alone():
+    """prefix_probe.cli.COMMANDS names each command's registrar: a command missing there would
+    still work (all registrars load) but lose the lazy start-up."""
+    full = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert list(COMMANDS) == list(full)
+    for name in COMMANDS:
+        sub = next(a for a in build_parser([name])._actions if a.dest == "command")
+        assert name in sub.choices
+
+
+def test_probe_layer_commands_do_not_import_the_analysis_layer():
+    """check-theorem's start-up (its time budget) does not pay for analysis and matplotlib."""
+    code = (
+        "import sys\n"
+        "from prefix_probe.cli import build_parser\n"
+        "args = build_parser(['--debug', 'check-theorem', '--base', 'x']).parse_args("
+        "['--debug', 'check-theorem', '--base', 'x'])\n"
+        "assert args.command == 'check-theorem'\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('analysis', 'matplotlib'))\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
 
 
 def test_console_module_runs(tmp_path):
