@@ -65,13 +65,13 @@ def main() -> None:
     args = p.parse_args()
     extra = [] if args.n is None else ["--n", str(args.n)]
     py = sys.executable
-    imports = "import torch, transformers, peft, probe.hf as h, probe.cli; h.require_hf()"
+    imports = "import torch, transformers, peft, probe.hf as h, prefix_probe.cli; h.require_hf()"
     _, base_rss, _ = peak_rss([py, "-c", imports])
     for arch in args.arch:
         path = Path(args.dir) / arch
         size = build(arch, path)
         load = os.getloadavg()
-        cmd = [py, "-m", "probe.cli", "check-theorem", "--base", str(path), *extra]
+        cmd = [py, "-m", "prefix_probe", "check-theorem", "--base", str(path), *extra]  # `probe ...`
         wall, rss, out = peak_rss(cmd)
         after = os.getloadavg()
         ok = "FAIL" not in out and out.count(" ok ") > 0
