@@ -200,7 +200,11 @@ class Store:
         return Path(self.root) / run.key
 
     def done(self, run: Run) -> bool:
-        return (self.path(run) / "result.json").is_file()
+        return self.has(run.key)
+
+    def has(self, key: str) -> bool:
+        """Whether the run with this key is committed (its ``result.json`` exists)."""
+        return (Path(self.root) / key / "result.json").is_file()
 
     def result(self, run: Run) -> dict:
         if run.key not in self._cache:
@@ -570,14 +574,18 @@ def run_sweep(
     root.mkdir(parents=True, exist_ok=True)
     store.clean()
     shared = Store(root, stale_after=store.stale_after)  # what is sent to the workers
-    todo, seen = [], set()
+    # Pending runs by key, in submission order. A key hashes the whole spec (its base's too),
+    # so each is computed once here: recomputing them on every poll kept the scheduler busy.
+    todo: dict[str, Run] = {}
+    base_key: dict[str, str | None] = {}
 
     def add(run: Run):
         if run.base is not None:
             add(run.base)
-        if run.key not in seen and not store.done(run):
-            seen.add(run.key)
-            todo.append(run)
+        key = run.key
+        if key not in todo and not store.has(key):
+            todo[key] = run
+            base_key[key] = run.base.key if run.base is not None else None
 
     for run in runs:
         add(run)
@@ -585,7 +593,7 @@ def run_sweep(
     bar = tqdm(total=len(todo), desc="runs", disable=not todo)
     own = executor is None
     executor = LocalExecutor(jobs) if own else executor
-    running: dict = {}  # future -> (run, attempt token)
+    running: dict = {}  # future -> (key, attempt token)
 
     def show(starting: int = 0):  # starting: a run being submitted (trained, in-process)
         n_running = len(running) + starting
@@ -594,32 +602,35 @@ def run_sweep(
             f"{len(todo) - n_running} remaining"
         )
 
-    def give_up(run: Run, error: str, record: Path | None):
-        todo.remove(run)
-        outcome.failed.append(Failure(run, error, record, attempts.get(run.key, 0)))
-        in_flight = [r for r, _ in running.values()]
+    def give_up(key: str, error: str, record: Path | None):
+        run = todo.pop(key)
+        outcome.failed.append(Failure(run, error, record, attempts.get(key, 0)))
+        in_flight = {k for k, _ in running.values()}
         for other in list(todo):  # runs that need it as a base cannot start
-            if other.base is not None and other.base.key == run.key and other not in in_flight:
-                give_up(other, f"its base {run.label} [{run.key}] failed", None)
+            if base_key[other] == key and other not in in_flight:
+                give_up(other, f"its base {run.label} [{key}] failed", None)
 
     try:
         while todo:
-            in_flight = [r for r, _ in running.values()]
-            finished = [r for r in todo if store.done(r) and r not in in_flight]
-            todo = [r for r in todo if r not in finished]
+            in_flight = {k for k, _ in running.values()}
+            finished = [k for k in todo if k not in in_flight and store.has(k)]
+            for key in finished:  # by another process
+                del todo[key]
             done_count += len(finished)
-            bar.update(len(finished))  # by another process
-            ready = [
-                r
-                for r in todo
-                if (r.base is None or store.done(r.base))
-                and r not in in_flight
-                and not store.claimed_elsewhere(r.key)
-            ]
-            for run in ready[: max(0, executor.slots - len(running))]:
+            bar.update(len(finished))
+            free = executor.slots - len(running)
+            for key, run in list(todo.items()):  # submit the first ready runs, in order
+                if free <= 0:
+                    break
+                base = base_key[key]
+                if key in in_flight or (base is not None and not store.has(base)):
+                    continue
+                if store.claimed_elsewhere(key):
+                    continue
                 attempt = secrets.token_hex(8)
                 show(starting=1)
-                running[executor.submit(run, shared, device, attempt)] = (run, attempt)
+                running[executor.submit(run, shared, device, attempt)] = (key, attempt)
+                free -= 1
             show()
             if not running:
                 if todo:
@@ -627,24 +638,25 @@ def run_sweep(
                 continue
             finished_futures, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
             for future in finished_futures:
-                run, attempt = running.pop(future)
+                key, attempt = running.pop(future)
+                run = todo[key]
                 try:
                     result = future.result()
                 except Exception as e:  # the run raised, or its worker died
-                    attempts[run.key] = attempts.get(run.key, 0) + 1
-                    record = store.read_failure(run.key)
+                    attempts[key] = attempts.get(key, 0) + 1
+                    record = store.read_failure(key)
                     if record is None or record.get("attempt") != attempt:
                         # No record from this attempt: the worker died before writing one.
                         error = f"{executor.name} worker failed: {one_line(e)}"
                         store.record_failure(run, error, f"executor error:\n{e}\n", attempt)
                     else:
                         error = record["error"]
-                    if attempts[run.key] > retries:
-                        give_up(run, error, store.failure_path(run.key))
+                    if attempts[key] > retries:
+                        give_up(key, error, store.failure_path(key))
                     continue
                 if result is not None:  # None: another process claimed it first; wait
                     outcome.trained += bool(result)
-                    todo.remove(run)
+                    del todo[key]
                     done_count += 1
                     bar.update()
         show()
