@@ -71,7 +71,7 @@ def main() -> None:
         path = Path(args.dir) / arch
         size = build(arch, path)
         load = os.getloadavg()
-        cmd = [py, "-m", "prefix_probe", "check-theorem", "--base", str(path), *extra]  # `probe ...`
+        cmd = [py, "-m", "prefix_probe", "check-theorem", "--base", str(path), *extra]  # probe
         wall, rss, out = peak_rss(cmd)
         after = os.getloadavg()
         ok = "FAIL" not in out and out.count(" ok ") > 0
