@@ -28,7 +28,7 @@ COMMANDS = {
     "pretrain": "probe.cli:add_commands",
     "tune": "probe.cli:add_commands",
     "evaluate": "probe.cli:add_commands",
-    "check-theorem": "probe.cli:add_commands",
+    "check-theorem": "probe.cli:add_check_theorem",
     "bench": "probe.bench:add_command",
     "reproduce": "analysis.reproduce:add_command",
     "recipes": "analysis.recipes:add_command",

@@ -1,18 +1,28 @@
-"""prefix-probe: what prefix-, prompt-tuning, LoRA and full fine-tuning do inside attention."""
+"""prefix-probe: what prefix-, prompt-tuning, LoRA and full fine-tuning do inside attention.
 
-from probe.model import PRESETS, KVPrefix, ModelConfig, Transformer, preset
-from probe.train import TrainConfig, TrainingDiverged, evaluate, generate, pretrain, tune
+The model and training names load on first use, so that ``import probe.hf`` (probing a Hugging
+Face model) does not import our model or transformer-lens.
+"""
 
-__all__ = [
-    "PRESETS",
-    "KVPrefix",
-    "ModelConfig",
-    "Transformer",
-    "preset",
-    "TrainConfig",
-    "TrainingDiverged",
-    "evaluate",
-    "generate",
-    "pretrain",
-    "tune",
-]
+import importlib
+
+from probe.config import PRESETS, KVPrefix, ModelConfig, preset
+
+_LAZY = {
+    "Transformer": "probe.model",
+    "TrainConfig": "probe.train",
+    "TrainingDiverged": "probe.train",
+    "evaluate": "probe.train",
+    "generate": "probe.train",
+    "pretrain": "probe.train",
+    "tune": "probe.train",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'probe' has no attribute {name!r}")
+
+
+__all__ = ["PRESETS", "KVPrefix", "ModelConfig", "preset", *_LAZY]

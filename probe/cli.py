@@ -14,25 +14,21 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from probe.adapters import METHODS, Tuned, adapter_config, load_adapter
+from probe.config import PRESETS, ModelConfig, preset
 from probe.hf import MissingExtraError
 from probe.io import check_target
-from probe.model import PRESETS, ModelConfig, Transformer, preset
-from probe.train import (
-    DEFAULT_LR,
-    DEFAULT_WEIGHT_DECAY,
-    TrainConfig,
-    TrainingDiverged,
-    check_fits,
-    evaluate,
-    pretrain,
-    tune,
-)
 from tasks import get_task, list_tasks, task_source
 from tasks.sources import import_source
+
+if TYPE_CHECKING:
+    from probe.train import TrainConfig
+
+# Our model, its adapters and training are imported by the commands that use them, so that
+# `probe check-theorem` on a Hugging Face model imports neither them nor transformer-lens.
 
 TASK_HELP = (
     "a task name (see `probe tasks`), or your own: MODULE:NAME (a module on the Python path) "
@@ -131,6 +127,8 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
 
 
 def train_config(args, lr: float | None = None, weight_decay: float = 0.1) -> TrainConfig:
+    from probe.train import TrainConfig
+
     return TrainConfig(
         steps=args.steps,
         lr=args.lr if args.lr is not None else lr,
@@ -217,6 +215,9 @@ def model_config(name: str, config_file: str | Path | None = None, sets=()) -> M
 
 
 def cmd_pretrain(args) -> int:
+    from probe.model import Transformer
+    from probe.train import pretrain
+
     check_target(args.out, args.overwrite)  # before training, not after
     task = get_task(args.task)
     torch.manual_seed(args.seed)
@@ -235,6 +236,10 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from probe.adapters import adapter_config
+    from probe.model import Transformer
+    from probe.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, tune
+
     out, base_dir = Path(args.out).resolve(), Path(args.base).resolve()
     if out == base_dir or base_dir in out.parents:
         raise ValueError(
@@ -262,6 +267,10 @@ def cmd_tune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from probe.adapters import Tuned, load_adapter
+    from probe.model import Transformer
+    from probe.train import check_fits, evaluate
+
     base = Transformer.load(args.base, args.device).eval()
     tuned = Tuned(base)
     for name, path in zip(row_names(args.adapter), args.adapter, strict=True):
@@ -329,6 +338,10 @@ def cmd_check_theorem(args) -> int:
         header = f"{args.base} with {run.what}: {inputs}, {run.records[0].q.dtype}"
         header += f"\n{run.positions}"
         return print_theorem_check(header, run.result)
+
+    from probe.adapters import load_adapter
+    from probe.model import Transformer
+    from probe.train import check_fits
 
     base = Transformer.load(args.base, args.device)
     # An adapter is checked against the base's fingerprint as saved, so load it before the cast.
@@ -400,7 +413,7 @@ def build_parser(*registrars: Callable[[argparse._SubParsersAction], None]):
         help="show the traceback of an error (or set PROBE_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for register in registrars or (add_commands,):
+    for register in registrars or (add_commands, add_check_theorem):
         register(sub)
     for p in sub.choices.values():  # `probe CMD --debug` too; SUPPRESS keeps `probe --debug CMD`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="traceback")
@@ -408,7 +421,9 @@ def build_parser(*registrars: Callable[[argparse._SubParsersAction], None]):
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register the probe layer's subcommands: tasks, pretrain, tune, evaluate, check-theorem."""
+    """Register the probe layer's training subcommands: tasks, pretrain, tune, evaluate."""
+    from probe.adapters import METHODS
+
     p = sub.add_parser(
         "tasks", help="list the tasks: name, vocabulary, where each came from, description"
     )
@@ -462,6 +477,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_evaluate)
 
+
+def add_check_theorem(sub: argparse._SubParsersAction) -> None:
+    """Register ``check-theorem``, apart from :func:`add_commands`, whose registration imports
+    the adapters (for ``--method``'s choices)."""
     p = sub.add_parser(
         "check-theorem",
         help="verify the attention-bias identities; report local/downstream drift and bias rank",
@@ -503,7 +522,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 # Failures a user can cause and fix: one line, exit 2. Anything else is a bug in probe.
-EXPECTED = (ValueError, KeyError, OSError, TrainingDiverged, MissingExtraError)
+EXPECTED = (ValueError, KeyError, OSError, MissingExtraError)
+
+
+def expected_errors() -> tuple[type[Exception], ...]:
+    """:data:`EXPECTED`, and TrainingDiverged once training is loaded (only it raises that)."""
+    train = sys.modules.get("probe.train")
+    return EXPECTED + ((train.TrainingDiverged,) if train else ())
 
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
@@ -527,7 +552,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             raise
         print(f"probe {args.command}: interrupted", file=sys.stderr)
         return 130
-    except EXPECTED as e:
+    except expected_errors() as e:
         if debug:
             raise
         print(f"probe {args.command}: error: {e}", file=sys.stderr)

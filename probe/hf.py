@@ -71,8 +71,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from probe.config import KVPrefix
 from probe.hf_arch import ARCHITECTURES, Arch, Shape, base_module, head_params, rotate
-from probe.model import KVPrefix
 
 if TYPE_CHECKING:
     from probe.probes import AttentionRecord, Drift, TheoremCheck

@@ -53,10 +53,11 @@ from einops import einsum
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from probe.model import KVPrefix, Transformer, eval_mode
+from probe.config import KVPrefix
 
 if TYPE_CHECKING:
     from probe.adapters import Adapter
+    from probe.model import Transformer
 
 
 @dataclass
@@ -130,6 +131,8 @@ def records_from_cache(
     query rows are kept. This is exact: under causal masking the prompt never sees the content,
     so it acts as a fixed key/value prefix at every layer (``adapters.prompt_to_prefix``).
     """
+    from probe.model import Transformer  # here: probing an HF model never needs it
+
     if W_O is None:
         owner = getattr(cache, "model", None)
         owner = owner if isinstance(owner, Transformer) else base
@@ -613,6 +616,8 @@ def check_tuned(
     the model's memory), ``tuned`` then being a PEFT model, a fine-tuned HF model, a PEFT adapter
     directory or a raw prefix.
     """
+    from probe.model import Transformer, eval_mode
+
     if not isinstance(base, Transformer):
         from probe import hf
 

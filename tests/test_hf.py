@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -902,3 +903,22 @@ def test_check_theorem_on_an_hf_dir_defaults_to_fewer_inputs(tmp_path, capsys):
     assert main(["check-theorem", "--base", str(tmp_path / "model"), "--n", "3"]) == 0
     assert "3 sort_asc inputs" in capsys.readouterr().out
     assert build_parser().parse_args(["check-theorem", "--base", "x"]).n is None
+
+
+def test_the_cli_check_on_an_hf_model_imports_neither_our_model_nor_transformer_lens(tmp_path):
+    """`probe check-theorem --base HF_DIR` end to end in a fresh interpreter: it never uses our
+    model or training, and importing them would pull in transformer-lens (0.7 s of its start-up).
+    """
+    make("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "model")
+    code = (
+        "import sys\n"
+        "from prefix_probe.cli import main\n"
+        f"assert main(['check-theorem', '--base', {str(tmp_path / 'model')!r}, '--n', '2']) == 0\n"
+        "ours = sorted(m for m in sys.modules if m.split('.')[0] == 'transformer_lens'\n"
+        "              or m in ('probe.model', 'probe.train', 'probe.adapters'))\n"
+        "assert not ours, ours\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert " ok " in out.stdout

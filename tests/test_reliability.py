@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from prefix_probe.cli import main
-from probe import cli, io
+from probe import cli, io, train
 from probe.adapters import load_adapter, make_adapter
 from probe.cli import row_names
 from probe.model import Transformer, preset
@@ -52,8 +52,8 @@ def no_training(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("trained although the output path is refused")
 
-    monkeypatch.setattr(cli, "pretrain", boom)
-    monkeypatch.setattr(cli, "tune", boom)
+    monkeypatch.setattr(train, "pretrain", boom)  # the commands import them when they run
+    monkeypatch.setattr(train, "tune", boom)
 
 
 # ---------------------------------------------------------------------------- 1. --out
