@@ -55,13 +55,14 @@ safe without it; the entry points raise :class:`MissingExtraError` saying what t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import json
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -1171,14 +1172,16 @@ def _merge_drift(parts: list[tuple[Drift, int]]) -> Drift:
     )
 
 
-def chunk_size(model: nn.Module, T: int, budget: float = 1 / 16) -> int:
+def chunk_size(model: nn.Module, T: int, budget: float = 1 / 24) -> int:
     """Inputs per chunk so that one chunk's activations stay within ``budget`` x the model's
     size: a layer's tensors (about 16 [T, d_model]-sized ones per input) times two runs.
 
-    The default is a sixteenth: the allocator's heap holds several times a chunk's live
-    activations between runs (freed blocks it keeps), so the peak beyond the weights grows with
-    the chunk. On GPT-2 small (19 tokens) it gives 16 inputs a chunk; chunks of 64 (a quarter)
-    peaked ~280 MiB higher for ~4% less CPU time (128 inputs, one thread)."""
+    The default is a 24th: the allocator's heap holds several times a chunk's live activations
+    between runs (freed blocks it keeps), so the peak beyond the weights grows with the chunk,
+    and three threads hold a chunk's tensors at once (tuned run, base run, probes). On GPT-2
+    small (19 tokens) it gives 11 inputs a chunk: three runs each peaked 637-643 MiB beyond the
+    interpreter against 675-693 at 16 inputs (a 16th), for ~4% more CPU time; chunks of 64 had
+    peaked ~280 MiB higher than 16 on one thread."""
     s = _shape(model)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     per_input = 2 * 16 * T * max(s.d_model, s.n_heads * s.d_head) * _dtype(model).itemsize
@@ -1202,7 +1205,7 @@ def check_hf(
 
     Arguments as for :func:`hf_records`; ``tokens`` may also be a list of [1, T_i] tensors (texts
     of different lengths, each its own chunk). The batch is processed ``chunk`` inputs at a time
-    (default :func:`chunk_size`: a sixteenth of the model's size in activations) and the per-layer
+    (default :func:`chunk_size`: a 24th of the model's size in activations) and the per-layer
     results merged: errors and drift maxima are maxima, tolerances the largest chunk's, the bias
     subspace exact over all rows. The merged decompositions keep ``alpha`` [1, H, N] and
     ``beta`` [1, H, N, P] over the N = batch x T content rows; ``A``, ``z_base``, ``bias`` and
@@ -1297,11 +1300,13 @@ def _check_hf(
     if pieces:
         for p in pieces:
             _check_tokens(s.base, p, offset)
-    # The base run of the next chunk (downstream drift) runs on a second thread while this one
-    # runs the tuned model and the probes, each thread at one intra-op thread: on 2 cores that
-    # keeps both busy without OpenMP's barriers, which cost 4x on a machine shared with other
-    # jobs. Not where the base run switches an adapter off (a LoRA injected into the base).
-    parallel = downstream and s.base_off is contextlib.nullcontext
+    # Three threads at one intra-op thread each share the cores without OpenMP's barriers (which
+    # cost 4x on a machine shared with other jobs): the caller's runs the tuned model; a second
+    # runs the base model one chunk ahead (downstream drift; not where the base run switches an
+    # adapter off, a LoRA injected into the base: there the caller's thread runs it first); a
+    # third runs the probes on each layer's record as it arrives, and a layer's merged result
+    # once its last chunk is in, while the tuned run goes on with the next layers.
+    base_aside = downstream and s.base_off is contextlib.nullcontext
     size = chunk or chunk_size(s.base, first.shape[1])
     if s.kind == "kv" and pieces and s.kv[0].keys.shape[0] != 1:
         raise ValueError("per-example raw prefixes need one token batch, not a list of texts")
@@ -1312,47 +1317,65 @@ def _check_hf(
     )
     n_layers = _shape(s.base).n_layers
     accs = [_LayerAcc() for _ in range(n_layers)]
+    merged: list[Future] = [None] * n_layers
     kept: list[AttentionRecord] = []
 
     def base_records(t, rows) -> list[AttentionRecord]:
         recs: list[AttentionRecord] = []
-        if downstream:
-            with torch.no_grad():  # grad mode is per thread: off here too (no saved activations)
-                _run(s, t, offset, rows, recs.append, base=True, stop=True, moded=True)
-            _release_heap()
+        _run(s, t, offset, rows, recs.append, base=True, stop=True, moded=True)
+        _release_heap()
         return recs
 
+    def probe(rec: AttentionRecord, base: Future | None, last: bool):
+        acc = accs[rec.layer]
+        acc.add(rec, base.result()[rec.layer] if base else None, tol_factor)
+        if not last:
+            return None
+        with _small_linalg():
+            return acc.result(rec.layer)
+
     with contextlib.ExitStack() as stack:
-        if parallel:
-            stack.enter_context(_threads(1))
+        stack.enter_context(_threads(1))
         if verify:
             verify_hf(s, first, offset)
         stack.enter_context(_record_mode([s.runner, s.base_runner]))
-        pool = None
-        if parallel and len(batches) > 1:
-            pool = stack.enter_context(ThreadPoolExecutor(1, initializer=torch.set_num_threads,
-                                                          initargs=(1,)))  # fmt: skip
-            pending = pool.submit(base_records, *batches[0])
-        for i, (t, rows) in enumerate(batches):
-            if pool is not None:
-                base_recs = pending.result()
-                if i + 1 < len(batches):
-                    pending = pool.submit(base_records, *batches[i + 1])
-            else:
-                base_recs = base_records(t, rows)
+        probes = stack.enter_context(ThreadPoolExecutor(1, initializer=_worker_thread))
+        runs = ThreadPoolExecutor(1, initializer=_worker_thread) if base_aside else None
+        if runs is not None:
+            stack.enter_context(runs)
 
-            def on_record(rec, base_recs=base_recs):
-                accs[rec.layer].add(rec, base_recs[rec.layer] if base_recs else None, tol_factor)
+        def base_run(i: int) -> Future | None:
+            if not downstream or i >= len(batches):
+                return None
+            if runs is not None:
+                return runs.submit(base_records, *batches[i])
+            done = Future()
+            done.set_result(base_records(*batches[i]))
+            return done
+
+        queued: collections.deque[Future] = collections.deque()
+        base = base_run(0)
+        for i, (t, rows) in enumerate(batches):
+            ahead = base_run(i + 1)  # the base run goes at most one chunk ahead
+            last = i == len(batches) - 1
+
+            def on_record(rec, base=base, last=last):
                 if len(kept) == rec.layer:  # the first chunk's first input, for the CLI's header
                     kept.append(_first_row(rec))
+                job = probes.submit(probe, rec, base, last)
+                if last:
+                    merged[rec.layer] = job
+                queued.append(job)
+                while len(queued) > 2:  # at most two records wait for the probes
+                    queued.popleft().result()
                 if rec.layer % 4 == 3:  # within a run too: ~40 MiB less peak, ~5% more time
                     _release_heap()
 
             _run(s, t, offset, rows, on_record, recompute=1, stop=True, moded=True)
-            del base_recs, on_record
+            base = ahead
+            del on_record
             _release_heap()
-    with _small_linalg():
-        merged = [acc.result(i) for i, acc in enumerate(accs)]
+        merged = [job.result() for job in merged]
     result = TheoremCheck(
         decompositions=[m[0] for m in merged],
         local=[m[1] for m in merged],
@@ -1363,6 +1386,12 @@ def _check_hf(
         expected=identities_expected([s.P] * n_layers, s.frozen),
     )
     return HFCheck(result, s.what, kept, list(s.frozen), _positions(s, offset, first.shape[1]))
+
+
+def _worker_thread() -> None:
+    """A check's worker thread: one intra-op thread, no autograd (grad mode is per thread)."""
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
 
 
 def _release_heap() -> None:

@@ -437,10 +437,10 @@ def test_chunk_size_keeps_activations_to_a_fraction_of_the_model():
     model = make("gpt2", dtype=torch.float32)
     n = hf.chunk_size(model, T=19)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert 1 <= n and (n == 1 or n * 2 * 16 * 19 * 32 * 4 <= size / 16)
-    with torch.device("meta"):  # GPT-2 small's shape, no memory: 16 inputs of 19 tokens a chunk
+    assert 1 <= n and (n == 1 or n * 2 * 16 * 19 * 32 * 4 <= size / 24)
+    with torch.device("meta"):  # GPT-2 small's shape, no memory: 11 inputs of 19 tokens a chunk
         small = GPT2LMHeadModel(GPT2Config())
-    assert hf.chunk_size(small, T=19) == 16
+    assert hf.chunk_size(small, T=19) == 11
 
 
 # ------------------------------------------------------------------ what the check computes
@@ -535,9 +535,9 @@ class _OneThreadPool:
 
 
 def test_base_runs_on_a_second_thread_give_the_same_check(tokens, monkeypatch):
-    """With a prefix the base run of the next chunk runs on a second thread (one intra-op
-    thread each): the same numbers as one thread doing both, and the caller's thread count and
-    grad mode are back after."""
+    """With a prefix the base runs go on a second thread and the probes on a third (one
+    intra-op thread each): the same numbers as one thread doing everything, and the caller's
+    thread count and grad mode are back after."""
     base = make("llama")
     torch.manual_seed(2)
     pm = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM",
