@@ -65,7 +65,7 @@ def main() -> None:
     args = p.parse_args()
     extra = [] if args.n is None else ["--n", str(args.n)]
     py = sys.executable
-    imports = "import torch, transformers, peft, probe.hf as h, prefix_probe.cli; h.require_hf()"
+    imports = "import torch, transformers, probe.hf as h, prefix_probe.cli; h.require_hf(False)"
     _, base_rss, _ = peak_rss([py, "-c", imports])
     for arch in args.arch:
         path = Path(args.dir) / arch

@@ -58,6 +58,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import importlib
 import json
 import threading
 import warnings
@@ -100,16 +101,19 @@ class MissingExtraError(ImportError):
     """The optional ``hf`` extra (peft, transformers) is not installed."""
 
 
-def require_hf() -> SimpleNamespace:
+def require_hf(peft: bool = True) -> SimpleNamespace:
     """Import the optional HF stack lazily; raise :class:`MissingExtraError` naming the fix.
 
-    Returns a namespace with ``transformers`` and ``peft``; registers the recording attention.
+    Returns a namespace with ``transformers`` and (``peft=True``) ``peft``; registers the
+    recording attention. Paths without an adapter pass ``peft=False``: importing peft costs
+    ~0.15 s of a check's start-up that they do not use.
     """
     try:
-        import peft
         import transformers
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+        peft_module = importlib.import_module("peft") if peft else None
     except ImportError as e:
         raise MissingExtraError(
             f"probing Hugging Face models needs the optional packages peft and transformers "
@@ -118,7 +122,7 @@ def require_hf() -> SimpleNamespace:
     if _ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         AttentionInterface.register(_ATTN_NAME, _recording_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(_ATTN_NAME, eager_mask)  # HF's own additive mask
-    return SimpleNamespace(transformers=transformers, peft=peft)
+    return SimpleNamespace(transformers=transformers, peft=peft_module)
 
 
 # ------------------------------------------------------------------------------------------
@@ -264,7 +268,7 @@ def _record_mode(models: Sequence[nn.Module]) -> Iterator[None]:
     """Within the block, ``models`` (PEFT or HF models) run in eval mode with the recording
     attention and the input pre-hooks; everything is restored on exit. A forward records into
     its thread's :class:`_Recorder` (:func:`_recording`)."""
-    require_hf()
+    require_hf(peft=False)
     training = [(m, m.training) for m in models]
     hf_models = list({id(h): h for h in map(_hf_model, models)}.values())
     impls = [(h.config, h.config._attn_implementation) for h in hf_models]
@@ -518,7 +522,7 @@ def _check_pair(base: nn.Module, tuned: nn.Module) -> None:
 
 def _setup(base_model, prefix, tuned_model, batch: int) -> _Setup:
     """Interpret the caller's (base_model, prefix, tuned_model) as a :class:`_Setup`."""
-    require_hf()
+    require_hf(peft=False)
     if _is_peft(base_model):
         if _peft_cfg(base_model).is_prompt_learning and prefix is None and tuned_model is None:
             base_model, prefix = base_model.get_base_model(), base_model
@@ -659,7 +663,7 @@ def positioned_prompt_to_prefix(
     prompt: [P, d_model] or [batch, P, d_model] input embeddings.
     Returns one KVPrefix per layer, keys/values [batch, P, G, e].
     """
-    hf = require_hf()
+    hf = require_hf(peft=False)
     d = _shape(model).d_model
     if prompt.ndim == 2:
         prompt = prompt.unsqueeze(0)
@@ -1092,11 +1096,11 @@ class _LayerAcc:
         G = torch.cat([z, zb, keep * zb], -1).flatten(1, 2)  # [H, N, 3e]
         self.dtype = G.dtype
         G = G.float() if G.dtype in (torch.float16, torch.bfloat16) else G  # no half QR on CPU
+        if self.R is not None:  # [R; G], laid out column-major as LAPACK takes it (no copy)
+            G = torch.cat([self.R.mT, G.mT], -1).mT
         with _small_linalg():
-            self.R = torch.linalg.qr(G if self.R is None else torch.cat([self.R, G], 1), mode="r")[
-                1
-            ]
-        self.n += G.shape[1]
+            self.R = torch.linalg.qr(G, mode="r")[1]
+        self.n += z.shape[1] * z.shape[2]
         self.W = (rec.W_O, rec.base_W_O)
 
     def result(self, layer: int):
@@ -1458,7 +1462,7 @@ def load_hf_model(
 
     dtype: e.g. torch.float64 for the tightest check; None keeps the saved dtype. Missing or
     truncated weights raise a one-line ValueError."""
-    hf = require_hf()
+    hf = require_hf(peft=False)
     if not is_hf_model_dir(model_dir):
         raise FileNotFoundError(
             f"{model_dir} is not a Hugging Face model directory (no config.json with model_type)"
@@ -1544,7 +1548,7 @@ def check_hf_dirs(
 def tokenize_texts(model_dir: str | Path, texts: Sequence[str]) -> list[Tensor]:
     """Token ids [1, T_i] per text, with the tokenizer saved in ``model_dir`` (its defaults, so a
     BOS token where the tokenizer adds one). One-line errors when there is no tokenizer."""
-    hf = require_hf()
+    hf = require_hf(peft=False)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError("no text to probe: give --text or a --text-file with non-empty lines")

@@ -759,9 +759,15 @@ def test_errors_name_the_problem(base, tokens, prefix_model, arch):
         hf.hf_records(base.base_model, tokens)
 
 
-def test_missing_extra_says_what_to_install(monkeypatch, tokens):
+def test_missing_extra_says_what_to_install(monkeypatch, tokens, tmp_path):
+    """Without peft a plain model is still probed (only adapters need it) and an adapter says
+    what to install; without transformers nothing HF runs."""
     base = make("gpt2")
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    assert len(hf.hf_records(base, tokens)) == L
+    with pytest.raises(hf.MissingExtraError, match=r"prefix-probe\[hf\]"):
+        hf.load_peft_adapter(base, tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(hf.MissingExtraError, match=r"prefix-probe\[hf\]"):
         hf.hf_records(base, tokens)
 
@@ -786,6 +792,7 @@ def test_probe_imports_the_hf_stack_only_lazily(monkeypatch):
     assert fresh.is_hf_model_dir("/nonexistent") is False
     with pytest.raises(fresh.MissingExtraError, match=r"prefix-probe\[hf\]"):
         fresh.require_hf()
+    assert fresh.require_hf(peft=False).peft is None  # a plain model needs only transformers
 
 
 # ------------------------------------------------------------------ directories and the CLI
@@ -907,14 +914,14 @@ def test_check_theorem_on_an_hf_dir_defaults_to_fewer_inputs(tmp_path, capsys):
 
 def test_the_cli_check_on_an_hf_model_imports_neither_our_model_nor_transformer_lens(tmp_path):
     """`probe check-theorem --base HF_DIR` end to end in a fresh interpreter: it never uses our
-    model or training, and importing them would pull in transformer-lens (0.7 s of its start-up).
-    """
+    model or training, and importing them would pull in transformer-lens (0.7 s of its start-up);
+    without an adapter it needs no peft either (0.15 s)."""
     make("gpt2", dtype=torch.float32).save_pretrained(tmp_path / "model")
     code = (
         "import sys\n"
         "from prefix_probe.cli import main\n"
         f"assert main(['check-theorem', '--base', {str(tmp_path / 'model')!r}, '--n', '2']) == 0\n"
-        "ours = sorted(m for m in sys.modules if m.split('.')[0] == 'transformer_lens'\n"
+        "ours = sorted(m for m in sys.modules if m.split('.')[0] in ('transformer_lens', 'peft')\n"
         "              or m in ('probe.model', 'probe.train', 'probe.adapters'))\n"
         "assert not ours, ours\n"
     )
