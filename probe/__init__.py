@@ -25,4 +25,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'probe' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:  # tab completion in notebooks lists the lazy names too
+    return sorted([*globals(), *_LAZY])
+
+
 __all__ = ["PRESETS", "KVPrefix", "ModelConfig", "preset", *_LAZY]

@@ -74,6 +74,22 @@ def test_probe_layer_commands_do_not_import_the_analysis_layer():
     assert out.returncode == 0, out.stderr
 
 
+def test_the_probe_package_loads_the_model_on_first_use():
+    """`import probe` is light (an HF check never needs our model or transformer-lens); its model
+    and training names still resolve, and tab completion lists them."""
+    code = (
+        "import sys, probe\n"
+        "assert 'probe.model' not in sys.modules and 'transformer_lens' not in sys.modules\n"
+        "assert {'Transformer', 'tune', 'KVPrefix'} <= set(dir(probe))\n"
+        "from probe import Transformer, tune\n"
+        "import probe.model, probe.train\n"
+        "assert Transformer is probe.model.Transformer and tune is probe.train.tune\n"
+        "assert probe.KVPrefix is probe.model.KVPrefix\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+
+
 def test_console_module_runs(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "prefix_probe", "tasks"], capture_output=True, text=True, cwd=ROOT
