@@ -1321,7 +1321,7 @@ def _check_hf(
     )
     n_layers = _shape(s.base).n_layers
     accs = [_LayerAcc() for _ in range(n_layers)]
-    merged: list[Future] = [None] * n_layers
+    finals: list[Future | None] = [None] * n_layers  # each layer's merged result, to come
     kept: list[AttentionRecord] = []
 
     def base_records(t, rows) -> list[AttentionRecord]:
@@ -1368,7 +1368,7 @@ def _check_hf(
                     kept.append(_first_row(rec))
                 job = probes.submit(probe, rec, base, last)
                 if last:
-                    merged[rec.layer] = job
+                    finals[rec.layer] = job
                 queued.append(job)
                 while len(queued) > 2:  # at most two records wait for the probes
                     queued.popleft().result()
@@ -1379,7 +1379,7 @@ def _check_hf(
             base = ahead
             del on_record
             _release_heap()
-        merged = [job.result() for job in merged]
+        merged = [job.result() for job in finals]
     result = TheoremCheck(
         decompositions=[m[0] for m in merged],
         local=[m[1] for m in merged],
