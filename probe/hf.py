@@ -1039,8 +1039,12 @@ def verify_hf(s: _Setup, tokens: Tensor, offset: int, rows: int = 2, steps: int 
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gen = s.runner.generate(
-            input_ids=tokens[:1], max_new_tokens=steps, do_sample=False, pad_token_id=0
+        gen = s.runner.generate(  # the mask given: inferred from pad_token_id, it would hide
+            input_ids=tokens[:1],  # every content token that happens to be 0
+            attention_mask=torch.ones_like(tokens[:1]),
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
         )
     new_gen, new_ours = gen[0, tokens.shape[1] :], seq[0, tokens.shape[1] :]
     if not torch.equal(new_gen, new_ours[: len(new_gen)]):

@@ -555,6 +555,28 @@ def test_base_runs_on_a_second_thread_give_the_same_check(tokens, monkeypatch):
     assert one.downstream[1].max_abs.max() > 1e-6  # the base run's patterns really arrived
 
 
+def test_verification_sees_content_tokens_equal_to_the_pad_id(arch):
+    """verify_hf gives generate pad_token_id=0, and toy-task inputs contain token 0. Where the
+    model's eos id is not 0 (GPT-2's is 50256), generate would infer a mask hiding every such
+    token, and the CLI's check of every PEFT adapter failed on sort_asc inputs."""
+    base = make(arch, eos_token_id=V - 1)
+    ids = torch.randint(1, V - 1, (B, T), generator=torch.Generator().manual_seed(4))
+    ids[:, 1::2] = 0
+    torch.manual_seed(5)
+    adapted = [
+        get_peft_model(copy.deepcopy(base), config).eval()
+        for config in (
+            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+            lora_config(arch),
+        )
+    ]
+    with torch.no_grad():  # a prompt of word-embedding scale (HF's init makes it tiny)
+        adapted[1].prompt_encoder["default"].embedding.weight.normal_(0, 1.0)
+    for model, how in zip(adapted, ("prefix", "prefix", "tuned_model"), strict=True):
+        assert len(hf.hf_records(base, ids, **{how: model})) == L  # raises on a mismatch
+
+
 def test_the_cli_check_copies_no_model(tmp_path, monkeypatch):
     """check_theorem_dirs runs the loaded model's own modules: no module is deep-copied, with a
     random prefix or a saved adapter."""
