@@ -59,6 +59,12 @@ def test_every_command_is_in_the_lazy_table_and_registers_alone():
         assert name in sub.choices
 
 
+def run_fresh(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (nothing imported yet) from the repository root."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+
+
 def test_probe_layer_commands_do_not_import_the_analysis_layer():
     """check-theorem's start-up (its time budget) does not pay for analysis and matplotlib."""
     code = (
@@ -70,8 +76,7 @@ def test_probe_layer_commands_do_not_import_the_analysis_layer():
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('analysis', 'matplotlib'))\n"
         "assert not heavy, heavy\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
+    run_fresh(code)
 
 
 def test_the_probe_package_loads_the_model_on_first_use():
@@ -86,8 +91,7 @@ def test_the_probe_package_loads_the_model_on_first_use():
         "assert Transformer is probe.model.Transformer and tune is probe.train.tune\n"
         "assert probe.KVPrefix is probe.model.KVPrefix\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
+    run_fresh(code)
 
 
 def test_console_module_runs(tmp_path):
