@@ -13,6 +13,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from analysis.reproduce import reproduce
 from probe import constructions as C
 from probe.constructions import (
     PRINTABLE,
@@ -307,3 +308,16 @@ def test_one_layer_generation_matches_rerunning_the_whole_sequence(seed, T, N0):
 def test_bad_input_is_refused_with_a_one_line_error(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+
+def test_the_experiment_runs_on_the_smoke_profile(tmp_path):
+    index = reproduce(["constructions"], "smoke", 1, "cpu", tmp_path / "runs", tmp_path / "fig")
+    text = index.read_text()
+    for name in ("constructions_temperature.png", "constructions_demos.png"):
+        assert (tmp_path / "fig" / name).stat().st_size > 10_000 and f"]({name})" in text
+    assert "I love transformers!" in text
+    claims = (tmp_path / "fig" / "claims.md").read_text()
+    assert claims.count("| constructions") >= 3 and "refuted" not in claims
