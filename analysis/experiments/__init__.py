@@ -1,6 +1,16 @@
 """The registry of experiments that ``probe reproduce`` runs, in report order."""
 
-from analysis.experiments import ledger, paper01, paper02, paper03, paper04, study, sweeps, theorem
+from analysis.experiments import (
+    constructions,
+    ledger,
+    paper01,
+    paper02,
+    paper03,
+    paper04,
+    study,
+    sweeps,
+    theorem,
+)
 
 EXPERIMENTS = {
     e.name: e
@@ -11,6 +21,7 @@ EXPERIMENTS = {
         paper04.EXPERIMENT,
         study.EXPERIMENT,
         theorem.EXPERIMENT,
+        constructions.EXPERIMENT,
         sweeps.EXPERIMENT,
         ledger.EXPERIMENT,
     )
