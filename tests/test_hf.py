@@ -460,7 +460,9 @@ def test_frozen_head_recomputed_where_the_run_uses_other_modules(base, tokens, p
     hf._run(s, tokens, offset, slice(None), full.append)
     hf._run(s, tokens, offset, slice(None), reused.append, recompute=1)
     for f, r in zip(full, reused, strict=True):
-        assert torch.equal(r.q_frozen[:1], f.q_frozen[:1])  # recomputed from the base weights
+        # Recomputed from the base weights; a batch of one and a batch of B may take different
+        # GEMM kernels, which round differently in the last bit on some CPUs.
+        torch.testing.assert_close(r.q_frozen[:1], f.q_frozen[:1], rtol=0, atol=1e-15)
         for n in "qkv":
             assert torch.equal(getattr(r, f"{n}_frozen")[1:], getattr(r, n)[1:])
             torch.testing.assert_close(getattr(f, f"{n}_frozen"), getattr(f, n), rtol=0, atol=TOL)
