@@ -78,11 +78,15 @@ def accuracy(store: Store, run: Run, task: str | None = None) -> float:
 
 
 def mean_spread(values: list[float]) -> str:
-    """'mean ± sd (n=k)' in percent, the form every seeded number is reported in."""
+    """'mean ± sd (n=k, min m)' in percent, the form every seeded number is reported in: the
+    worst seed beside the mean, since a mean that clears a bar can hide a seed that does not."""
     values = [100 * v for v in values]
     if len(values) == 1:
         return f"{values[0]:.1f}% (n=1)"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}% (n={len(values)})"
+    return (
+        f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}% "
+        f"(n={len(values)}, min {min(values):.1f})"
+    )
 
 
 def rise(history: list[dict], tail: float = 0.25) -> float:

@@ -425,6 +425,30 @@ def test_ledger_has_a_verdict_for_every_claim():
     assert ledger.verdict_shares({1: 0.1}, {1: 0.3}) == "refuted"
 
 
+def test_a_bar_holds_only_when_every_seed_clears_it():
+    """A mean that clears a bar can hide a seed that does not: the verdicts read the worst
+    seed, and every reported number names it."""
+    from analysis.experiments import paper03, paper04
+    from analysis.report import mean_spread
+
+    assert mean_spread([0.9, 0.95, 0.12]) == "65.7 ± 46.5% (n=3, min 12.0)"
+    curves = {m: "flat" for m in ("prefix", "lora", "full")}
+    passing = {"prefix": [0.01] * 3, "lora": [0.9, 0.85, 0.81], "full": [0.9] * 3}
+    assert paper04.verdict(passing, curves) == "supported"
+    one_short = passing | {"lora": [0.99, 0.99, 0.6]}  # mean 86%: above the bar
+    assert paper04.verdict(one_short, curves).startswith("depends: 1 of 3 LoRA seeds below 80%")
+    one_leak = passing | {"prefix": [0.0, 0.0, 0.12]}  # mean 4%: below the bar
+    assert paper04.verdict(one_leak, curves).startswith("refuted")
+    own = {t: [1.0] * 3 for t in paper03.PRETRAIN} | {"sort_asc_add1": [0.9] * 3, "hist": [0.0] * 3}
+    curves = {t: "flat" for t in own}
+    assert paper03.verdict(own, curves) == "supported"
+    weak = own | {"sort_asc_add1": [1.0, 1.0, 0.3]}  # mean 77%: above the 50% bar
+    assert paper03.verdict(weak, curves).startswith("depends: composition worst seed 30.0%")
+    assert paper03.verdict(own | {"hist": [0.0, 0.0, 0.1]}, curves).startswith("refuted")
+    assert ledger.verdict_new_pattern({"prefix": [0.0, 0.0, 0.1]}, [0.9] * 3) != "supported"
+    assert ledger.verdict_new_pattern({"prefix": [0.0] * 3}, [0.9, 0.9, 0.4]).startswith("depends")
+
+
 FAULT_EXPERIMENT = "paper04"  # the smallest smoke experiment: 4 runs, a base and 3 adapters
 
 

@@ -54,19 +54,23 @@ def pp(x: float) -> str:
 
 
 def verdict_new_pattern(prefix_like: dict[str, list[float]], full: list[float]) -> str:
-    """Claim 1: every prefix-like method stays below 5% and full FT reaches 50%."""
-    best_name = max(prefix_like, key=lambda k: _mean(prefix_like[k]))
-    best = _mean(prefix_like[best_name])
-    if best < 0.05 and _mean(full) >= 0.5:
+    """Claim 1: every prefix-like method stays below 5% and full FT reaches 50%, on every seed
+    (the best prefix-like seed, the worst full fine-tuning seed)."""
+    best_name = max(prefix_like, key=lambda k: max(prefix_like[k]))
+    best = max(prefix_like[best_name])
+    if best < 0.05 and min(full) >= 0.5:
         return "supported"
-    if best >= 0.5:
+    if _mean(prefix_like[best_name]) >= 0.5:
         return "refuted"
-    if _mean(full) < 0.5:
+    if min(full) < 0.5:
         return (
             f"depends: full fine-tuning also fails at this budget ({ms(full)}), so the gap the "
             "claim describes does not show"
         )
-    return f"depends: prefix-like methods reach part of the task ({best_name}: {100 * best:.1f}%)"
+    return (
+        f"depends: prefix-like methods reach part of the task ({best_name}, best seed: "
+        f"{100 * best:.1f}%)"
+    )
 
 
 def verdict_elicit(

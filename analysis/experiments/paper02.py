@@ -226,17 +226,15 @@ def off_task(m: Measured) -> list[float]:
 
 
 def selection_verdict(m: Measured) -> str:
-    """'supported' when every prefix's own-task mean is >= 90% and no prefix exceeds 5% off its
-    task on any seed; otherwise which bar fails, and the short tasks' curves."""
+    """'supported' when every prefix reaches >= 90% on its own task on every seed and none
+    exceeds 5% off its task on any seed; otherwise which bar fails, and the short tasks' curves."""
     diag = own_task(m, "vt-prefix")
     worst_off = max(off_task(m))
-    if min(sum(v) / len(v) for v in diag) >= 0.9 and worst_off <= 0.05:
+    if min(min(v) for v in diag) >= 0.9 and worst_off <= 0.05:
         return "supported"
     if worst_off > 0.05:
         return "depends: budget (selection incomplete here)"
-    short = [
-        f"{t} ({m.curve[t]})" for t, v in zip(TASKS, diag, strict=True) if sum(v) / len(v) < 0.9
-    ]
+    short = [f"{t} ({m.curve[t]})" for t, v in zip(TASKS, diag, strict=True) if min(v) < 0.9]
     return (
         f"depends: selection is clean (off-diagonal <= {100 * worst_off:.1f}%), but "
         f"{', '.join(short)} stay below 90% own-task at this budget (the paper: "
@@ -324,13 +322,13 @@ def draw(m: Measured, p: Profile, out: Path) -> None:
 def text(m: Measured, p: Profile) -> str:
     """The docstring's claim, then the measured diagonal and off-diagonal against the bar."""
     bases = base_runs(p)
-    worst_diag = min(sum(v) / len(v) for v in own_task(m, "vt-prefix"))
+    worst_diag = min(min(v) for v in own_task(m, "vt-prefix"))
     worst_off = max(off_task(m))
     verdict = selection_verdict(m)
     return (
         __doc__.split("\n\n", 1)[1].strip()
-        + f"\n\nMeasured: the lowest own-task mean over the four prefixes is "
-        f"{100 * worst_diag:.1f}% and the highest off-diagonal accuracy of any prefix on any "
+        + f"\n\nMeasured: the lowest own-task accuracy of any of the four prefixes on any seed "
+        f"is {100 * worst_diag:.1f}% and the highest off-diagonal accuracy of any prefix on any "
         f"seed is {100 * worst_off:.1f}%"
         + (
             "."

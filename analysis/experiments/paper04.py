@@ -127,14 +127,16 @@ BARS = {"lora": 0.80, "prefix": 0.05}
 
 
 def verdict(acc: dict[str, list[float]], curves: dict[str, str]) -> str:
-    mean = {m: sum(v) / len(v) for m, v in acc.items()}
-    if mean["prefix"] > BARS["prefix"]:
-        return f"refuted: the prefix reaches {100 * mean['prefix']:.1f}% (> 5%)"
-    if mean["lora"] >= BARS["lora"]:
+    """Every seed must clear its bar: the best prefix seed <= 5%, the worst LoRA seed >= 80%."""
+    if max(acc["prefix"]) > BARS["prefix"]:
+        return f"refuted: a prefix seed reaches {100 * max(acc['prefix']):.1f}% (> 5%)"
+    if min(acc["lora"]) >= BARS["lora"]:
         return "supported"
+    short = sum(v < BARS["lora"] for v in acc["lora"])
     return (
-        f"depends: LoRA reaches {100 * mean['lora']:.1f}% (< 80%; {curves['lora']}); "
-        f"full fine-tuning {100 * mean['full']:.1f}%"
+        f"depends: {short} of {len(acc['lora'])} LoRA seeds below 80% (worst "
+        f"{100 * min(acc['lora']):.1f}%; {curves['lora']}); full fine-tuning worst seed "
+        f"{100 * min(acc['full']):.1f}%"
     )
 
 
