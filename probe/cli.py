@@ -310,6 +310,7 @@ def row_names(paths: list[str]) -> list[str]:
 def cmd_check_theorem(args) -> int:
     """Check the attention-bias theorem on a base model with an adapter or a fine-tuned copy."""
     from probe import hf, probes
+    from probe.check import check_tuned
     from tasks import test_set
 
     if args.n is None:  # fewer by default on an HF model: see probe.hf.CHECK_INPUTS
@@ -365,7 +366,7 @@ def cmd_check_theorem(args) -> int:
         g = torch.Generator().manual_seed(args.seed)
         tuned = probes.random_prefix(cache, base.cfg.n_layers, args.prefix_len, g)
         what = f"a random key/value prefix, P={args.prefix_len}"
-    result = probes.check_tuned(base, tuned, tokens, args.tol_factor)
+    result = check_tuned(base, tuned, tokens, args.tol_factor)
     header = f"{args.base} with {what}: {args.n} {task.name} inputs, {base.W_E.dtype}"
     return print_theorem_check(header, result)
 

@@ -22,9 +22,10 @@ their inputs do (downstream drift). A soft prompt acts as such a prefix at every
 (``adapters.prompt_to_prefix``); LoRA on W_Q/W_K/W_V and full fine-tuning break the premise, and
 the check says at which layers (:func:`frozen_head_layers`).
 
-One call checks a tuned model, :func:`check_tuned` (base, adapter or fine-tuned copy or raw
-prefix, tokens), on our :class:`~probe.model.Transformer` or a Hugging Face model. Underneath,
-the probes read :class:`AttentionRecord` s (one layer's recorded attention for a batch of inputs,
+One call checks a tuned model, :func:`probe.check.check_tuned` (base, adapter or fine-tuned copy
+or raw prefix, tokens), on our :class:`~probe.model.Transformer` or a Hugging Face model (also
+importable from here, as ``probes.check_tuned``). Underneath, the probes read
+:class:`AttentionRecord` s (one layer's recorded attention for a batch of inputs,
 plain tensors), so the same code serves both. From records (:func:`records_from_cache`):
 
     decompose(record)                  alpha, beta, bias term, prefix-free pattern A, and the
@@ -46,17 +47,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from einops import einsum
 from jaxtyping import Bool, Float, Int
-from torch import Tensor, nn
+from torch import Tensor
 
 from probe.config import KVPrefix
 
 if TYPE_CHECKING:
-    from probe.adapters import Adapter
     from probe.model import Transformer
 
 
@@ -595,58 +595,6 @@ def identities_expected(prefix_lengths: Sequence[int], frozen: Sequence[bool]) -
     return [P > 0 and f for P, f in zip(prefix_lengths, frozen, strict=True)]
 
 
-@torch.no_grad()
-def check_tuned(
-    base: nn.Module,
-    tuned: Adapter | Transformer | Sequence[KVPrefix] | Any,
-    tokens: Int[Tensor, "batch pos"],
-    tol_factor: float = 16.0,
-) -> TheoremCheck:
-    """The theorem's check of a tuned model on ``tokens``: every probe at every layer, the
-    identities demanded where a prefix meets a frozen head (:func:`identities_expected`).
-
-    base: the frozen base :class:`~probe.model.Transformer`, in the dtype to check in (float64
-        for the tightest tolerances).
-    tuned: an adapter of ``probe.adapters`` trained on ``base``; a fine-tuned copy of ``base``
-        (a Transformer of the same shape); or a raw prefix, one :class:`KVPrefix` per layer.
-        Adapters and copies run in ``base``'s dtype (cast in place).
-    tokens: [batch, T] content token ids.
-
-    A Hugging Face ``base`` goes to :func:`probe.hf.check_hf` (the same checks in chunks, at
-    the model's memory), ``tuned`` then being a PEFT model, a fine-tuned HF model, a PEFT adapter
-    directory or a raw prefix.
-    """
-    from probe.model import Transformer, eval_mode
-
-    if not isinstance(base, Transformer):
-        from probe import hf
-
-        how = "tuned_model" if isinstance(tuned, nn.Module) else "prefix"
-        return hf.check_hf(base, tokens, **{how: tuned}, tol_factor=tol_factor)
-    from probe.adapters import Adapter, Tuned
-
-    dtype = base.W_E.dtype
-    weights, prompt_len = {}, 0  # the tuned model's changed weights; soft prompt length
-    with eval_mode(base, *([tuned] if isinstance(tuned, nn.Module) else [])):
-        _, base_cache = base.run_with_cache(tokens)
-        if isinstance(tuned, Adapter):
-            adapter = tuned.to(dtype)
-            _, cache = Tuned(base).add("adapter", adapter).run_with_cache(tokens)
-            weights, prompt = adapter.weights(base), adapter.prompt(base)
-            prompt_len = 0 if prompt is None else prompt.shape[-2]
-        elif isinstance(tuned, Transformer):
-            if tuned.cfg != base.cfg:
-                raise ValueError("the fine-tuned model has another shape than the base model")
-            _, cache = tuned.to(dtype).run_with_cache(tokens)
-            weights = dict(tuned.named_parameters())
-        else:
-            _, cache = base.run_with_cache(tokens, prefix=tuned)
-    W_O = [weights.get(f"blocks.{i}.attn.W_O", b.attn.W_O) for i, b in enumerate(base.blocks)]
-    records = records_from_cache(base, cache, W_O, prompt_len)
-    expected = identities_expected([r.P for r in records], frozen_head_layers(base, weights))
-    return check_theorem(records, records_from_cache(base, base_cache), expected, tol_factor)
-
-
 def frozen_head_layers(base: Transformer, weights: Mapping[str, Tensor]) -> list[bool]:
     """Per layer, whether the tuned weights (full names -> tensors, e.g. ``Adapter.weights`` or
     a fine-tuned model's state dict) leave the head's input side exactly as in ``base``:
@@ -682,3 +630,14 @@ def random_prefix(
 def table(results: Iterable) -> list[dict]:
     """The rows of several results (anything with ``rows()``) in one list."""
     return [row for result in results for row in result.rows()]
+
+
+def __getattr__(name: str):
+    # check_tuned lives in probe.check, which runs models (ours or, through probe.hf, Hugging
+    # Face ones); loading it on first use keeps this module free of both, and probe.hf free to
+    # import this one.
+    if name == "check_tuned":
+        from probe.check import check_tuned
+
+        return check_tuned
+    raise AttributeError(f"module 'probe.probes' has no attribute {name!r}")

@@ -44,7 +44,12 @@ from transformers import (  # noqa: E402
 )
 
 import probe  # noqa: E402
-from probe import hf, hf_arch, probes  # noqa: E402
+from probe import hf, probes  # noqa: E402
+from probe.hf import arch as hf_arch  # noqa: E402
+from probe.hf import check as hf_check  # noqa: E402
+from probe.hf import prefix as hf_prefixes  # noqa: E402
+from probe.hf import recording as hf_recording  # noqa: E402
+from probe.hf import run as hf_run  # noqa: E402
 from probe.model import KVPrefix  # noqa: E402
 
 # PEFT calls a transformers API that transformers deprecates; not ours to fix.
@@ -152,7 +157,7 @@ def prompt_model(base):
 
 
 def dims(model):
-    s = hf._shape(model)
+    s = hf_arch._shape(model)
     return s.n_heads, s.n_kv_heads, s.d_head, s.d_model
 
 
@@ -310,7 +315,7 @@ def test_rotary_positions_content_at_P_prefix_unrotated(name, tokens):
 
 def test_hf_cache_uses_transformerlens_names(base, tokens, prefix_model):
     cache = hf.hf_cache(base, tokens, prefix=prefix_model)
-    q = "hook_rot_q" if hf._architecture(base).rotary else "hook_q"
+    q = "hook_rot_q" if hf_arch._architecture(base).rotary else "hook_q"
     for layer in range(L):
         for n in ("ln1.hook_out", f"attn.{q}", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
                   "attn.hook_prefix_k", "attn.hook_prefix_v"):  # fmt: skip
@@ -328,17 +333,18 @@ def test_recording_run_equals_peft_forward_and_generate(base, tokens, prefix_mod
     if kind == "lora":
         torch.manual_seed(5)
         model = get_peft_model(copy.deepcopy(base), lora_config(arch)).eval()
-        s, offset = hf._prepared(base, None, model, tokens, None)
+        s, offset = hf_run._prepared(base, None, model, tokens, None)
     else:
         model = prefix_model if kind == "prefix" else prompt_model
-        s, offset = hf._prepared(base, model, None, tokens, None)
-    ours = hf._run(s, tokens, offset, slice(None), lambda r: None, keep=0)
+        s, offset = hf_run._prepared(base, model, None, tokens, None)
+    ours = hf_run._run(s, tokens, offset, slice(None), lambda r: None, keep=0)
     with torch.no_grad():
         ref = model(input_ids=tokens).logits  # PEFT's own forward, its default attention
     ref = ref[:, P:] if kind == "prompt" else ref
     assert ours.shape == (B, T, V) and (ours - ref).abs().max() < TOL
+    how = "tuned_model" if kind == "lora" else "prefix"
     with torch.no_grad():  # greedy steps agree with generate (verify_hf raises otherwise)
-        assert hf.verify_hf(s, tokens, offset, steps=3) < TOL
+        assert hf.verify_hf(base, tokens, **{how: model}, steps=3) < TOL
 
 
 def test_verify_detects_a_position_convention_change(base, tokens, prefix_model):
@@ -348,8 +354,8 @@ def test_verify_detects_a_position_convention_change(base, tokens, prefix_model)
     with torch.no_grad():
         ref = prefix_model(input_ids=tokens).logits
     for offset, same in ((P, True), (0, False)):
-        s, off = hf._prepared(base, kv, None, tokens, offset)
-        err = (hf._run(s, tokens, off, slice(None), lambda r: None, keep=0) - ref).abs().max()
+        s, off = hf_run._prepared(base, kv, None, tokens, offset)
+        err = (hf_run._run(s, tokens, off, slice(None), lambda r: None, keep=0) - ref).abs().max()
         assert (err < TOL) == same, (offset, err)
 
 
@@ -452,13 +458,13 @@ def test_frozen_head_recomputed_where_the_run_uses_other_modules(base, tokens, p
     head on the first input of a chunk and the recorded q/k/v stand for it on the others (the
     same call on the same input). A PEFT model on a copy of the base, or a LoRA on W_Q/W_K
     (wrapping them), runs other modules: recomputed on every input."""
-    assert hf._prepared(base, prefix_model, None, tokens, None)[0].own_head == [False] * L
+    assert hf_run._prepared(base, prefix_model, None, tokens, None)[0].own_head == [False] * L
     kv = hf.hf_prefix(base, prefix_model, B)  # the same prefix, run by the base's own modules
-    s, offset = hf._prepared(base, kv, None, tokens, None)
+    s, offset = hf_run._prepared(base, kv, None, tokens, None)
     assert s.own_head == [True] * L
     full, reused = [], []
-    hf._run(s, tokens, offset, slice(None), full.append)
-    hf._run(s, tokens, offset, slice(None), reused.append, recompute=1)
+    hf_run._run(s, tokens, offset, slice(None), full.append)
+    hf_run._run(s, tokens, offset, slice(None), reused.append, recompute=1)
     for f, r in zip(full, reused, strict=True):
         # Recomputed from the base weights; a batch of one and a batch of B may take different
         # GEMM kernels, which round differently in the last bit on some CPUs.
@@ -468,7 +474,7 @@ def test_frozen_head_recomputed_where_the_run_uses_other_modules(base, tokens, p
             torch.testing.assert_close(getattr(f, f"{n}_frozen"), getattr(f, n), rtol=0, atol=TOL)
     torch.manual_seed(5)
     lora = get_peft_model(copy.deepcopy(base), lora_config(arch)).eval()
-    assert hf._prepared(base, None, lora, tokens, None)[0].own_head == [False] * L
+    assert hf_run._prepared(base, None, lora, tokens, None)[0].own_head == [False] * L
 
 
 def test_a_wrong_frozen_head_still_fails_the_chunked_check(base, tokens, prefix_model, arch,
@@ -495,7 +501,7 @@ def test_check_runs_nothing_after_the_last_attention_and_keeps_no_cache(tokens, 
     """The check's runs end at the last layer's attention (its MLP, the final norm and the
     logits are never computed), and a recording run's cache returns [prefix, new] keys without
     keeping them (so a run never holds every layer's keys and values for its whole batch)."""
-    last = hf._architecture(base).layers(base)[-1]
+    last = hf_arch._architecture(base).layers(base)[-1]
     mlp = next(m for n, m in last.named_children() if n == "mlp")
 
     def boom(*_):
@@ -509,9 +515,9 @@ def test_check_runs_nothing_after_the_last_attention_and_keeps_no_cache(tokens, 
     finally:
         handle.remove()
     kv = hf.hf_prefix(base, prefix_model, B)
-    cache = hf._fresh_cache(kv)
+    cache = hf_prefixes._fresh_cache(kv)
     layer = cache.layers[0]
-    hf._stop_growing(layer)
+    hf_recording._stop_growing(layer)
     new = torch.zeros_like(layer.keys[:, :, :1])
     keys, _ = cache.update(new, new, 0)
     assert keys.shape[2] == P + 1 and cache.get_seq_length() == P
@@ -547,7 +553,7 @@ def test_base_runs_on_a_second_thread_give_the_same_check(tokens, monkeypatch):
     threads = torch.get_num_threads()
     two = hf.check_hf(base, tokens, prefix=pm, chunk=1)
     assert torch.get_num_threads() == threads and torch.is_grad_enabled()
-    monkeypatch.setattr(hf, "ThreadPoolExecutor", _OneThreadPool)
+    monkeypatch.setattr(hf_check, "ThreadPoolExecutor", _OneThreadPool)
     one = hf.check_hf(base, tokens, prefix=pm, chunk=1)
     for kind in ("local", "downstream"):
         for a, b in zip(getattr(one, kind), getattr(two, kind), strict=True):
@@ -797,9 +803,11 @@ def test_missing_extra_says_what_to_install(monkeypatch, tokens, tmp_path):
 
 
 def test_probe_imports_the_hf_stack_only_lazily(monkeypatch):
-    """No module of probe/ imports peft or transformers at import time; probe.hf imports fine
-    without peft."""
-    for path in Path(probe.__file__).parent.glob("*.py"):
+    """No module of probe/ (the probe.hf package's included) imports peft or transformers at
+    import time; probe.hf imports fine without peft."""
+    paths = sorted(Path(probe.__file__).parent.rglob("*.py"))
+    assert Path(hf_run.__file__) in paths and Path(hf.__file__) in paths
+    for path in paths:
         for node in ast.parse(path.read_text()).body:  # top-level statements only
             names = []
             if isinstance(node, ast.Import):
@@ -808,11 +816,12 @@ def test_probe_imports_the_hf_stack_only_lazily(monkeypatch):
                 names = [node.module or ""]
             bad = [n for n in names if n.split(".")[0] in ("peft", "transformers")]
             assert not bad, f"{path.name} imports {bad} at import time"
-    monkeypatch.setitem(sys.modules, "peft", None)  # a fresh copy of probe/hf.py, peft blocked
-    spec = importlib.util.spec_from_file_location("_hf_without_peft", hf.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, fresh)
-    spec.loader.exec_module(fresh)
+    monkeypatch.setitem(sys.modules, "peft", None)  # a fresh import of probe.hf, peft blocked
+    for name in [m for m in sys.modules if m == "probe.hf" or m.startswith("probe.hf.")]:
+        monkeypatch.delitem(sys.modules, name)  # put back after the test
+    monkeypatch.setattr(probe, "hf", hf)  # the fresh import rebinds probe.hf; put back after
+    fresh = importlib.import_module("probe.hf")
+    assert fresh is not hf and fresh.loading is not hf.loading
     assert fresh.is_hf_model_dir("/nonexistent") is False
     with pytest.raises(fresh.MissingExtraError, match=r"prefix-probe\[hf\]"):
         fresh.require_hf()

@@ -34,7 +34,8 @@ from analysis.report import (
 )
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
-from probe.probes import TheoremCheck, check_tuned
+from probe.check import check_tuned
+from probe.probes import TheoremCheck
 from tasks import get_task, test_set
 
 METHODS = ("full", "lora", "prefix", "vt-prefix", "prompt", "prefix+lora")

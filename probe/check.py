@@ -1,0 +1,82 @@
+"""The front door: the theorem's check of a tuned model, whatever the tuning and the model.
+
+:func:`check_tuned` runs both models, ours (:class:`~probe.model.Transformer`, with an adapter of
+:mod:`probe.adapters`, a fine-tuned copy or a raw prefix) or a Hugging Face one (through
+:mod:`probe.hf`), and hands their attention records to the probes of :mod:`probe.probes`, which
+are pure maths on records (looked up there at each call, so a patched probe takes effect). Our
+model and adapters load on first use, so that checking an HF model never imports transformer-lens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from probe import hf, probes
+from probe.config import KVPrefix
+from probe.probes import TheoremCheck
+
+if TYPE_CHECKING:
+    from probe.adapters import Adapter
+    from probe.model import Transformer
+
+
+@torch.no_grad()
+def check_tuned(
+    base: nn.Module,
+    tuned: Adapter | Transformer | Sequence[KVPrefix] | Any,
+    tokens: Int[Tensor, "batch pos"],
+    tol_factor: float = 16.0,
+) -> TheoremCheck:
+    """The theorem's check of a tuned model on ``tokens``: every probe at every layer, the
+    identities demanded where a prefix meets a frozen head (``probes.identities_expected``).
+
+    base: the frozen base :class:`~probe.model.Transformer`, in the dtype to check in (float64
+        for the tightest tolerances).
+    tuned: an adapter of ``probe.adapters`` trained on ``base``; a fine-tuned copy of ``base``
+        (a Transformer of the same shape); or a raw prefix, one :class:`KVPrefix` per layer.
+        Adapters and copies run in ``base``'s dtype (cast in place).
+    tokens: [batch, T] content token ids.
+
+    A Hugging Face ``base`` goes to :func:`probe.hf.check_hf` (the same checks in chunks, at
+    the model's memory), ``tuned`` then being a PEFT model, a fine-tuned HF model, a PEFT adapter
+    directory or a raw prefix.
+    """
+    from probe.model import Transformer, eval_mode
+
+    if not isinstance(base, Transformer):
+        how = "tuned_model" if isinstance(tuned, nn.Module) else "prefix"
+        return hf.check_hf(base, tokens, **{how: tuned}, tol_factor=tol_factor)
+    from probe.adapters import Adapter, Tuned
+
+    dtype = base.W_E.dtype
+    weights, prompt_len = {}, 0  # the tuned model's changed weights; soft prompt length
+    with eval_mode(base, *([tuned] if isinstance(tuned, nn.Module) else [])):
+        _, base_cache = base.run_with_cache(tokens)
+        if isinstance(tuned, Adapter):
+            adapter = tuned.to(dtype)
+            _, cache = Tuned(base).add("adapter", adapter).run_with_cache(tokens)
+            weights, prompt = adapter.weights(base), adapter.prompt(base)
+            prompt_len = 0 if prompt is None else prompt.shape[-2]
+        elif isinstance(tuned, Transformer):
+            if tuned.cfg != base.cfg:
+                raise ValueError("the fine-tuned model has another shape than the base model")
+            _, cache = tuned.to(dtype).run_with_cache(tokens)
+            weights = dict(tuned.named_parameters())
+        else:
+            _, cache = base.run_with_cache(tokens, prefix=tuned)
+    W_O = [weights.get(f"blocks.{i}.attn.W_O", b.attn.W_O) for i, b in enumerate(base.blocks)]
+    records = probes.records_from_cache(base, cache, W_O, prompt_len)
+    expected = probes.identities_expected(
+        [r.P for r in records], probes.frozen_head_layers(base, weights)
+    )
+    return probes.check_theorem(
+        records, probes.records_from_cache(base, base_cache), expected, tol_factor
+    )
+
+
+__all__ = ["check_tuned"]
