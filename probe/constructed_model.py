@@ -1,11 +1,11 @@
 r"""The small explicit functional model the Section 3 constructions (:mod:`probe.constructions`)
 run on, and greedy generation through it.
 
-**Why the constructions are not** :class:`probe.model.Transformer` **s.** They have no residual stream, no
-LayerNorm and no output projection W_O (a layer's heads are summed), and their MLP reads
-ReLU(h - 1), which a residual or a LayerNorm would break. So they are a small explicit
-functional model, :class:`ConstructedModel`, kept in float64, with TransformerLens hook names so
-that ``model.run_with_cache(x)`` shows what each head attends to:
+**Why the constructions are not** :class:`probe.model.Transformer` **s.** They have no
+residual stream, no LayerNorm and no output projection W_O (a layer's heads are summed), and
+their MLP reads ReLU(h - 1), which a residual or a LayerNorm would break. So they run on a
+small explicit functional model, :class:`ConstructedModel`, kept in float64, with
+TransformerLens hook names so that ``model.run_with_cache(x)`` shows what each head attends to:
 
     hook_input                                      [batch, pos, d_model]  prefix + embedded tokens
     blocks.{l}.attn.hook_q / hook_k                 [batch, pos, head, d_head]
