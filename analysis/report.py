@@ -14,8 +14,8 @@ from analysis.runs import Run, Store
 class Profile:
     """How big to run: ``smoke`` (seconds, for tests), ``quick`` (the README's main job, about
     half an hour on a 2-core laptop CPU), ``full`` (the quick profile's runs plus longer budgets
-    where its curves still rise, sharing every other run with it; the README gives its measured
-    cost), ``paper`` (the paper's model sizes and budgets, meant for a GPU)."""
+    where its curves still rise, sharing every other run with it; docs/benchmarks.md gives its
+    measured cost), ``paper`` (the paper's model sizes and budgets, meant for a GPU)."""
 
     name: str
 
