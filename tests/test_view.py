@@ -168,6 +168,40 @@ def test_cli_writes_a_page(tmp_path, capsys):
     assert "example 9" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_hf_models_view_and_cli(tmp_path, capsys):
+    """A tiny GPT-2 with a PEFT prefix (renormalised == base) and a LoRA on c_attn (not)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50, n_positions=64)
+    base = transformers.GPT2LMHeadModel(cfg).eval().double()
+    prefix_cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    prefix = peft.get_peft_model(copy.deepcopy(base), prefix_cfg).eval()
+    lora_cfg = peft.LoraConfig(
+        target_modules=["c_attn"], r=2, init_lora_weights=False, fan_in_fan_out=True
+    )
+    lora = peft.get_peft_model(copy.deepcopy(base), lora_cfg).eval()
+    tokens = torch.randint(1, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    data = pv.view(base, {"prefix": prefix, "lora": lora}, tokens).data
+    heads = [[h for layer in m["layers"] for h in layer["heads"]] for m in data["models"]]
+    assert all(h["content"] == h["base"] and h["stats"]["check"] == "ok" for h in heads[0])
+    assert any(h["content"] != h["base"] for h in heads[1])
+    assert data["models"][0]["P"] == 2 and data["models"][0]["tokens"] == [
+        str(t) for t in tokens[0].tolist()
+    ]
+
+    base.save_pretrained(tmp_path / "gpt2")
+    prefix.save_pretrained(tmp_path / "prefix")
+    out = tmp_path / "hf.html"
+    argv = ["view", "--base", str(tmp_path / "gpt2"), "--adapter", str(tmp_path / "prefix")]
+    assert main([*argv, "--n", "2", "--task", "copy", "--example", "1", "--out", str(out)]) == 0
+    assert (
+        "1 model(s), 2 of 2 layers x 2 heads, input 1 of 2 copy inputs" in capsys.readouterr().out
+    )
+    assert "PEFT" in out.read_text()
+
+
 # ------------------------------------------------------------------------------- in a browser
 
 
