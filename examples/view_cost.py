@@ -44,7 +44,8 @@ def draw_times(path: Path) -> tuple[float, float] | None:
         redraw = page.evaluate(
             """() => { const v = document.querySelector('.ppv').__ppv, out = [];
             for (let h = 0; h < 12; h++) { const t = performance.now(); v.state.head = h;
-              v.state.layer = h % v.model().layers.length; v.draw(); out.push(performance.now() - t); }
+              v.state.layer = h % v.model().layers.length; v.draw();
+              out.push(performance.now() - t); }
             return out; }"""
         )
         browser.close()
@@ -58,9 +59,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        n_layers=12, n_heads=12, d_model=768, d_vocab=50257, n_ctx=1024, dropout=0.0
-    )
+    cfg = ModelConfig(n_layers=12, n_heads=12, d_model=768, d_vocab=50257, n_ctx=1024, dropout=0.0)
     base = Transformer(cfg).to(getattr(torch, args.dtype))
     tokens = torch.randint(0, cfg.d_vocab, (args.inputs, args.tokens))
     _, cache = base.run_with_cache(tokens)
@@ -71,7 +70,9 @@ def main() -> None:
     records, check = pv.record(base, prefix, tokens)
     recorded = time.perf_counter() - start
     start = time.perf_counter()
-    model = pv.ModelView("random prefix, P=4", records, check, [f"t{t}" for t in tokens[0].tolist()])
+    model = pv.ModelView(
+        "random prefix, P=4", records, check, [f"t{t}" for t in tokens[0].tolist()]
+    )
     page = pv.View.of([model], "GPT-2-small shape, random weights and prefix")
     built = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
