@@ -48,16 +48,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from probe.check import check_tuned
+from probe.check import check_tuned, tuned_records
 from probe.probes import (
     AttentionRecord,
     TheoremCheck,
     check_theorem,
     content_attention,
     decompose,
-    frozen_head_layers,
-    identities_expected,
-    records_from_cache,
 )
 
 
@@ -122,48 +119,12 @@ class ModelView:
 
 
 @torch.no_grad()
-def tuned_records(
-    base: nn.Module, tuned: Any, tokens: Tensor
-) -> tuple[list[AttentionRecord], list[AttentionRecord], list[bool]]:
-    """The records behind :func:`probe.probes.check_tuned` for our Transformer: (the tuned
-    run's records, the base run's records, per layer whether the identities are expected).
-    ``check_theorem(*tuned_records(base, tuned, tokens))`` is ``check_tuned(base, tuned,
-    tokens)``; ``tuned`` is an adapter, a fine-tuned copy of ``base`` or a raw prefix, as there.
-    tokens: [batch, T]."""
-    from probe.adapters import Adapter, Tuned
-    from probe.model import Transformer, eval_mode
-
-    if not isinstance(base, Transformer):
-        raise ValueError("tuned_records takes our Transformer; for an HF model use hf_records")
-    dtype = base.W_E.dtype
-    weights, prompt_len = {}, 0
-    with eval_mode(base, *([tuned] if isinstance(tuned, nn.Module) else [])):
-        _, base_cache = base.run_with_cache(tokens)
-        if isinstance(tuned, Adapter):
-            adapter = tuned.to(dtype)
-            _, cache = Tuned(base).add("adapter", adapter).run_with_cache(tokens)
-            weights, prompt = adapter.weights(base), adapter.prompt(base)
-            prompt_len = 0 if prompt is None else prompt.shape[-2]
-        elif isinstance(tuned, Transformer):
-            if tuned.cfg != base.cfg:
-                raise ValueError("the fine-tuned model has another shape than the base model")
-            _, cache = tuned.to(dtype).run_with_cache(tokens)
-            weights = dict(tuned.named_parameters())
-        else:
-            _, cache = base.run_with_cache(tokens, prefix=tuned)
-    W_O = [weights.get(f"blocks.{i}.attn.W_O", b.attn.W_O) for i, b in enumerate(base.blocks)]
-    records = records_from_cache(base, cache, W_O, prompt_len)
-    expected = identities_expected([r.P for r in records], frozen_head_layers(base, weights))
-    return records, records_from_cache(base, base_cache), expected
-
-
-@torch.no_grad()
 def record(
     base: nn.Module, tuned: Any, tokens: Tensor
 ) -> tuple[list[AttentionRecord], TheoremCheck]:
     """(records, check) of ``tuned`` on ``tokens`` [batch, T]: our Transformer through
     :func:`tuned_records`, a Hugging Face base through ``probe.hf`` (``hf_records`` for the
-    records, :func:`~probe.probes.check_tuned` for the check; ``tuned`` as check_tuned takes)."""
+    records, :func:`~probe.check.check_tuned` for the check; ``tuned`` as check_tuned takes)."""
     from probe.model import Transformer
 
     if isinstance(base, Transformer):
@@ -402,7 +363,7 @@ def view(
 ) -> View:
     """The view of one tuned model, or of several (a mapping name -> tuned), on ``tokens``
     [batch, T]: each is recorded and checked on every input (:func:`record`), and input
-    ``config.example`` is drawn. ``tuned`` as :func:`probe.probes.check_tuned` takes it."""
+    ``config.example`` is drawn. ``tuned`` as :func:`probe.check.check_tuned` takes it."""
     cfg = config or ViewConfig()
     named = dict(tuned) if isinstance(tuned, Mapping) else {"tuned": tuned}
     models = [

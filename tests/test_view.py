@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prefix_probe.cli import main
-from probe import Transformer, preset, probes
+from probe import Transformer, check, preset, probes
 from probe import view as pv
 from probe.adapters import make_adapter
 from tasks import get_task, test_set
@@ -60,16 +60,20 @@ def page_data():
 # ------------------------------------------------------------------------------- no browser
 
 
-def test_tuned_records_give_check_tuneds_numbers():
+def test_tuned_records_hold_each_tunings_prefix_and_premise():
+    """check.tuned_records (what check_tuned checks, and what the view draws): the prefix per
+    layer (a soft prompt's positions join it) and where the identities are expected."""
     base, prefix, full, tokens = models()
-    lora = make_adapter("lora", base, rank=2, targets=["W_Q", "W_K"])
     prompt = make_adapter("prompt", base, length=3)
-    with torch.no_grad():
-        lora.B["blocks__0__attn__W_Q"].normal_()
-    for tuned in (prefix, full, lora, prompt):
-        ours = probes.check_theorem(*pv.tuned_records(base, tuned, tokens))
-        assert ours.rows() == probes.check_tuned(base, tuned, tokens).rows()
-        assert ours.expected == probes.check_tuned(base, tuned, tokens).expected
+    lora = make_adapter("lora", base, rank=2, targets=["W_Q"])
+    for tuned, P, expected in ((prefix, 2, True), (prompt, 3, True), (full, 0, False)):
+        records, base_records, exp = check.tuned_records(base, tuned, tokens)
+        assert [r.P for r in records] == [P, P] and exp == [expected, expected]
+        assert [r.P for r in base_records] == [0, 0]
+        assert records[0].pattern.shape == (3, 2, 19, P + 19)
+    records, _, exp = check.tuned_records(base, prefix.prefix(base), tokens)  # raw prefix
+    assert exp == [True, True] and records[1].P == 2
+    assert check.tuned_records(base, lora, tokens)[2] == [False, False]  # no prefix at all
 
 
 def test_payload_renormalised_equals_base_for_a_prefix_only(page_data):
