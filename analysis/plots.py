@@ -28,6 +28,23 @@ def patterns(store: Store, run: Run, tokens: torch.Tensor) -> list[torch.Tensor]
     return [cache["pattern", layer][0] for layer in range(base.cfg.n_layers)]
 
 
+def attention_view(store: Store, models: dict[str, tuple[Run, torch.Tensor]], title: str) -> dict:
+    """The payload of a ``probe.view`` page (``probe.view.View(payload).save(path)``): each
+    finished run (name -> (run, tokens [n, T])) recorded and checked in float64 on its tokens,
+    the first input drawn. Every run must share one base shape."""
+    from probe import view
+
+    pages = []
+    for name, (run, tokens) in models.items():
+        base = store.model(run).eval()
+        tuned = store.adapter(run, base) if run.method is not None else None  # before the cast
+        base = base.double()
+        if tuned is None:
+            raise ValueError(f"{name}: run {run.label} has no adapter to view")
+        pages.append(view.model_view(name, base, tuned, tokens, what=run.label))
+    return view.View.of(pages, title).data
+
+
 def heatmap_grid(
     panels: list[tuple[str, torch.Tensor, int]],
     tokens: list[int],

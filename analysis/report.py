@@ -44,6 +44,14 @@ class Figure:
 
 
 @dataclass
+class Page:
+    """An interactive page (one self-contained HTML file, ``probe.view``) beside the figures."""
+
+    file: str  # relative to the figures directory
+    caption: str
+
+
+@dataclass
 class Claim:
     """One row of the claims ledger."""
 
@@ -61,6 +69,7 @@ class Section:
     text: str = ""
     tables: list[str] = field(default_factory=list)  # markdown
     figures: list[Figure] = field(default_factory=list)
+    pages: list[Page] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
 
 

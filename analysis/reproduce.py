@@ -124,6 +124,12 @@ def write_index(sections, profile: str, figures_dir: Path, names: list[str] = ()
                 f"*{f.file}*: {f.caption} Regenerate: `{command}`.",
                 "",
             ]
+        for page in s.pages:
+            lines += [
+                f"**Interactive:** [{page.file}]({page.file}) (open in a browser; self-contained, "
+                f"no network needed): {page.caption}",
+                "",
+            ]
     index = figures_dir / "README.md"
     index.write_text("\n".join(lines))
     return index

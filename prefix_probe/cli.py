@@ -29,6 +29,7 @@ COMMANDS = {
     "tune": "probe.cli:add_commands",
     "evaluate": "probe.cli:add_commands",
     "check-theorem": "probe.cli:add_check_theorem",
+    "view": "probe.view:add_command",
     "bench": "probe.bench:add_command",
     "reproduce": "analysis.reproduce:add_command",
     "recipes": "analysis.recipes:add_command",

@@ -46,13 +46,28 @@ def check_tuned(
     the model's memory), ``tuned`` then being a PEFT model, a fine-tuned HF model, a PEFT adapter
     directory or a raw prefix.
     """
-    from probe.model import Transformer, eval_mode
+    from probe.model import Transformer
 
     if not isinstance(base, Transformer):
         how = "tuned_model" if isinstance(tuned, nn.Module) else "prefix"
         return hf.check_hf(base, tokens, **{how: tuned}, tol_factor=tol_factor)
-    from probe.adapters import Adapter, Tuned
+    records, base_records, expected = tuned_records(base, tuned, tokens)
+    return probes.check_theorem(records, base_records, expected, tol_factor)
 
+
+@torch.no_grad()
+def tuned_records(
+    base: Transformer, tuned: Adapter | Transformer | Sequence[KVPrefix], tokens: Tensor
+) -> tuple[list[probes.AttentionRecord], list[probes.AttentionRecord], list[bool]]:
+    """What :func:`check_tuned` checks on our Transformer: (the tuned run's records, the base
+    run's records, per layer whether the identities are expected), so that
+    ``probes.check_theorem(*tuned_records(base, tuned, tokens))`` is the check; for a view of
+    the patterns behind it (``probe.view``). Arguments as for :func:`check_tuned`."""
+    from probe.adapters import Adapter, Tuned
+    from probe.model import Transformer, eval_mode
+
+    if not isinstance(base, Transformer):
+        raise ValueError("tuned_records takes our Transformer; for an HF model use hf.hf_records")
     dtype = base.W_E.dtype
     weights, prompt_len = {}, 0  # the tuned model's changed weights; soft prompt length
     with eval_mode(base, *([tuned] if isinstance(tuned, nn.Module) else [])):
@@ -74,9 +89,7 @@ def check_tuned(
     expected = probes.identities_expected(
         [r.P for r in records], probes.frozen_head_layers(base, weights)
     )
-    return probes.check_theorem(
-        records, probes.records_from_cache(base, base_cache), expected, tol_factor
-    )
+    return records, probes.records_from_cache(base, base_cache), expected
 
 
-__all__ = ["check_tuned"]
+__all__ = ["check_tuned", "tuned_records"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from probe.config import PRESETS, ModelConfig, preset
 from probe.hf import MissingExtraError
@@ -307,25 +308,67 @@ def row_names(paths: list[str]) -> list[str]:
     return names
 
 
+def hf_check_tokens(args) -> tuple[Tensor | list[Tensor], str]:
+    """An HF ``--base``'s inputs for check-theorem and view: (token ids, a phrase naming them):
+    ``--text``/``--text-file`` through the directory's tokenizer ([1, T_i] each), else ``--n``
+    held-out ``--task`` inputs [n, T]."""
+    from probe import hf
+    from tasks import test_set
+
+    texts = list(args.text or [])
+    if args.text_file:
+        texts += Path(args.text_file).read_text().splitlines()
+    if args.text or args.text_file:  # real text through the directory's tokenizer
+        tokens = hf.tokenize_texts(args.base, texts)
+        return tokens, f"{len(tokens)} text(s), {sum(t.shape[1] for t in tokens)} tokens"
+    task = get_task(args.task)
+    return test_set(task, args.n, args.seed).tokens[:, :-1], f"{args.n} {task.name} inputs"
+
+
+def check_inputs(args, adapter: str | None):
+    """Our ``--base`` with ``adapter`` (a directory, or None for a random key/value prefix) and
+    its inputs, for check-theorem and view: (base in ``--dtype``, tuned, a phrase naming it,
+    tokens [n, T], the task)."""
+    from probe import probes
+    from probe.adapters import load_adapter
+    from probe.model import Transformer
+    from probe.train import check_fits
+    from tasks import test_set
+
+    base = Transformer.load(args.base, args.device)
+    # An adapter is checked against the base's fingerprint as saved, so load it before the cast.
+    if adapter is None:
+        tuned = None
+    elif (Path(adapter) / "config.json").exists():  # a saved Transformer: fine-tuned
+        tuned = Transformer.load(adapter, args.device)
+        if tuned.cfg != base.cfg:
+            raise ValueError(f"{adapter} has another shape than the base model {args.base}")
+        what = "a fine-tuned model"
+    else:
+        tuned = load_adapter(adapter, base)
+        what = f"a {tuned.method} adapter"
+    if args.dtype:
+        base = base.to(getattr(torch, args.dtype))
+    task = get_task(args.task)
+    check_fits(base, task)
+    tokens = test_set(task, args.n, args.seed).tokens[:, :-1].to(args.device)
+    if tuned is None:
+        _, cache = base.run_with_cache(tokens)
+        g = torch.Generator().manual_seed(args.seed)
+        tuned = probes.random_prefix(cache, base.cfg.n_layers, args.prefix_len, g)
+        what = f"a random key/value prefix, P={args.prefix_len}"
+    return base, tuned, what, tokens, task
+
+
 def cmd_check_theorem(args) -> int:
     """Check the attention-bias theorem on a base model with an adapter or a fine-tuned copy."""
-    from probe import hf, probes
+    from probe import hf
     from probe.check import check_tuned
-    from tasks import test_set
 
     if args.n is None:  # fewer by default on an HF model: see probe.hf.CHECK_INPUTS
         args.n = hf.CHECK_INPUTS if hf.is_hf_model_dir(args.base) else 256
     if hf.is_hf_model_dir(args.base):  # a Hugging Face model: probe.hf (needs the hf extra)
-        texts = list(args.text or [])
-        if args.text_file:
-            texts += Path(args.text_file).read_text().splitlines()
-        if args.text or args.text_file:  # real text through the directory's tokenizer
-            tokens = hf.tokenize_texts(args.base, texts)
-            inputs = f"{len(tokens)} text(s), {sum(t.shape[1] for t in tokens)} tokens"
-        else:
-            task = get_task(args.task)
-            tokens = test_set(task, args.n, args.seed).tokens[:, :-1]
-            inputs = f"{args.n} {task.name} inputs"
+        tokens, inputs = hf_check_tokens(args)
         run = hf.check_theorem_dirs(
             args.base,
             args.adapter,
@@ -340,32 +383,7 @@ def cmd_check_theorem(args) -> int:
         header += f"\n{run.positions}"
         return print_theorem_check(header, run.result)
 
-    from probe.adapters import load_adapter
-    from probe.model import Transformer
-    from probe.train import check_fits
-
-    base = Transformer.load(args.base, args.device)
-    # An adapter is checked against the base's fingerprint as saved, so load it before the cast.
-    if args.adapter is None:
-        tuned = None
-    elif (Path(args.adapter) / "config.json").exists():  # a saved Transformer: fine-tuned
-        tuned = Transformer.load(args.adapter, args.device)
-        if tuned.cfg != base.cfg:
-            raise ValueError(f"{args.adapter} has another shape than the base model {args.base}")
-        what = "a fine-tuned model"
-    else:
-        tuned = load_adapter(args.adapter, base)
-        what = f"a {tuned.method} adapter"
-    if args.dtype:
-        base = base.to(getattr(torch, args.dtype))
-    task = get_task(args.task)
-    check_fits(base, task)
-    tokens = test_set(task, args.n, args.seed).tokens[:, :-1].to(args.device)
-    if tuned is None:
-        _, cache = base.run_with_cache(tokens)
-        g = torch.Generator().manual_seed(args.seed)
-        tuned = probes.random_prefix(cache, base.cfg.n_layers, args.prefix_len, g)
-        what = f"a random key/value prefix, P={args.prefix_len}"
+    base, tuned, what, tokens, task = check_inputs(args, args.adapter)
     result = check_tuned(base, tuned, tokens, args.tol_factor)
     header = f"{args.base} with {what}: {args.n} {task.name} inputs, {base.W_E.dtype}"
     return print_theorem_check(header, result)
@@ -479,23 +497,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_evaluate)
 
 
-def add_check_theorem(sub: argparse._SubParsersAction) -> None:
-    """Register ``check-theorem``, apart from :func:`add_commands`, whose registration imports
-    the adapters (for ``--method``'s choices)."""
-    p = sub.add_parser(
-        "check-theorem",
-        help="verify the attention-bias identities; report local/downstream drift and bias rank",
-    )
+def add_input_args(p: argparse.ArgumentParser, n_help: str) -> None:
+    """The model and input options that check-theorem and view share (read by
+    :func:`check_inputs` and :func:`hf_check_tokens`); ``--adapter`` is each command's own."""
     p.add_argument(
         "--base",
         required=True,
         help="a model directory from `probe pretrain`, or a Hugging Face model directory "
         "(GPT-2, Llama, Qwen2, Mistral, GPT-NeoX; needs the hf extra)",
-    )
-    p.add_argument(
-        "--adapter",
-        help="an adapter directory (ours, or a PEFT one with an HF --base), or a fine-tuned "
-        "model directory (drift only); default: a random key/value prefix",
     )
     p.add_argument(
         "--task", default="sort_asc", help="inputs from this task's held-out set: " + TASK_HELP
@@ -506,19 +515,32 @@ def add_check_theorem(sub: argparse._SubParsersAction) -> None:
         help="with an HF --base: probe this text, tokenized by the directory's tokenizer (repeat)",
     )
     p.add_argument("--text-file", help="with an HF --base: probe each non-empty line of this file")
-    p.add_argument(
-        "--n", type=positive_int, help="inputs (default 256; 128 with a Hugging Face --base)"
-    )
+    p.add_argument("--n", type=positive_int, help=n_help)
     p.add_argument("--prefix-len", type=int, default=4, help="random prefix P, no --adapter")
     p.add_argument("--seed", type=int, default=0, help="inputs and random prefix seed")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default: the saved dtype")
+    p.add_argument("--device", default="cpu")
+
+
+def add_check_theorem(sub: argparse._SubParsersAction) -> None:
+    """Register ``check-theorem``, apart from :func:`add_commands`, whose registration imports
+    the adapters (for ``--method``'s choices)."""
+    p = sub.add_parser(
+        "check-theorem",
+        help="verify the attention-bias identities; report local/downstream drift and bias rank",
+    )
+    add_input_args(p, "inputs (default 256; 128 with a Hugging Face --base)")
+    p.add_argument(
+        "--adapter",
+        help="an adapter directory (ours, or a PEFT one with an HF --base), or a fine-tuned "
+        "model directory (drift only); default: a random key/value prefix",
+    )
     p.add_argument(
         "--tol-factor",
         type=float,
         default=16.0,
         help="tolerance = factor x eps(dtype) x magnitudes (probe.probes.tolerances)",
     )
-    p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_check_theorem)
 
 

@@ -332,6 +332,9 @@ def test_reproduce_smoke_end_to_end(tmp_path):
         assert (tmp_path / "figures" / name).stat().st_size > 1000
         assert f"]({name})" in text
     assert (tmp_path / "figures" / "theorem_identities.png").is_file()
+    page = (tmp_path / "figures" / "paper01_view.html").read_text()  # probe.view, linked
+    assert "[paper01_view.html](paper01_view.html)" in text and "PrefixProbeView" in page
+    assert all(f'"name":"{m}"' in page for m in ("full", "lora", "prefix", "vt-prefix", "prompt"))
     runs = {r.key for n in names for r in EXPERIMENTS[n].runs(SMOKE)}
     assert runs <= {p.name for p in (tmp_path / "runs" / "smoke").iterdir()}
     # Every run keeps its learning curve: 20 points (or fewer for tiny budgets), the last at

@@ -45,7 +45,16 @@ def test_probe_cli_imports_no_command_module_of_its_own_layer():
 
 def test_one_parser_has_every_layers_commands():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    expected = {"tasks", "pretrain", "tune", "evaluate", "check-theorem", "bench", "reproduce"}
+    expected = {
+        "tasks",
+        "pretrain",
+        "tune",
+        "evaluate",
+        "check-theorem",
+        "view",
+        "bench",
+        "reproduce",
+    }
     assert expected <= set(sub.choices)
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from analysis.plots import bar_chart, heatmap_grid, learning_curves, patterns
+from analysis.plots import attention_view, bar_chart, heatmap_grid, learning_curves, patterns
 from analysis.report import (
     Experiment,
     Figure,
+    Page,
     Profile,
     Section,
     accuracy,
@@ -26,6 +27,7 @@ from analysis.report import (
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
 from probe.probes import content_attention
+from probe.view import View
 from tasks import get_task, test_set
 
 METHODS = ("full", "lora", "prefix", "vt-prefix", "prompt")
@@ -75,13 +77,15 @@ def runs(p: Profile) -> list[Run]:
 class Measured:
     """Per model ("base", then each method): held-out accuracy per seed on (sort_asc,
     sort_desc), the state of its learning curves and the curves; ``attention``: (name, pattern
-    [T, P + T], P) of seed 0's layer 0, head 0 on one sort_desc ``sequence``."""
+    [T, P + T], P) of seed 0's layer 0, head 0 on one sort_desc ``sequence``; ``view``: the
+    ``probe.view`` page's payload of seed 0's tuned models on 8 sort_desc inputs."""
 
     accuracy: dict[str, tuple[list[float], list[float]]]
     curve: dict[str, str]
     curves: dict[str, list[list[dict]]]
     attention: list[tuple[str, torch.Tensor, int]]
     sequence: list[int]
+    view: dict
 
 
 def measure(store: Store, p: Profile) -> Measured:
@@ -104,6 +108,11 @@ def measure(store: Store, p: Profile) -> Measured:
         curves={m: histories(store, rs) for m, rs in models.items()},
         attention=attention,
         sequence=sequence.tolist(),
+        view=attention_view(
+            store,
+            {m: (models[m][0], test_set(get_task("sort_desc"), 8).tokens[:, :-1]) for m in METHODS},
+            "Paper 01: a sort-ascending model tuned to sort-descending, per head",
+        ),
     )
 
 
@@ -140,6 +149,7 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
         "01: attention on one sort-descending input (rows: queries)",
         get_task("sort_desc").input_len,
     )
+    View(m.view).save(out / "paper01_view.html")
     return Section(
         title="Paper 01: prefix-tuning cannot learn a new attention pattern",
         text=__doc__.split("\n\n", 1)[1].strip(),
@@ -164,6 +174,16 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
                 "prefix column removed and rows renormalised: the prefix-tuned pattern equals "
                 "the base pattern exactly, while full fine-tuning re-weights attention.",
             ),
+        ],
+        pages=[
+            Page(
+                "paper01_view.html",
+                "seed 0's full fine-tuning, LoRA, prefix, virtual-token prefix and soft prompt "
+                "(model selector) on sort-descending inputs: the raw pattern with the prefix "
+                "column, alpha per query, the renormalised content beside the base head's "
+                "(identical for the three prefix methods, not for full fine-tuning or LoRA) and "
+                "the head output's split, with the check's numbers.",
+            )
         ],
     )
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from analysis.plots import (
+    attention_view,
     heatmap_grid,
     learning_curves,
     matrix_heatmap,
@@ -28,6 +29,7 @@ from analysis.report import (
     Claim,
     Experiment,
     Figure,
+    Page,
     Profile,
     Section,
     accuracy,
@@ -39,6 +41,7 @@ from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
 from probe.adapters import Tuned
 from probe.probes import content_attention
+from probe.view import View
 from tasks import get_task, test_set
 
 TASKS = ("sort_asc", "sort_desc", "add1", "add2")
@@ -171,7 +174,9 @@ class Measured:
     seed); n_params: one P=LENGTH prefix's parameters; attention: task -> (base pattern [T, T],
     prefix pattern [T, P + T]), seed 0, layer 0, mean over heads, on the same input digits
     followed by that task's output; sequence: the last task's such sequence (its tokens label
-    the heatmaps); pca: (base [n, 2], task -> [n, 2]) from ``attn_out_pca``, seed 0.
+    the heatmaps); pca: (base [n, 2], task -> [n, 2]) from ``attn_out_pca``, seed 0; view:
+    the ``probe.view`` page's payload of seed 0's four prefixes, each on 8 inputs followed by
+    its task's output.
     """
 
     accuracy: dict[str, list[list[float]]]
@@ -181,6 +186,7 @@ class Measured:
     attention: dict[str, tuple[torch.Tensor, torch.Tensor]]
     sequence: list[int]
     pca: tuple[np.ndarray, dict[str, np.ndarray]]
+    view: dict
 
 
 def measure(store: Store, p: Profile) -> Measured:
@@ -206,7 +212,20 @@ def measure(store: Store, p: Profile) -> Measured:
         attention=attention,
         sequence=sequence.tolist(),
         pca=attn_out_pca(store, base, prefixes),
+        view=attention_view(
+            store, view_inputs(prefixes), "Paper 02: one prefix per task, per head"
+        ),
     )
+
+
+def view_inputs(prefixes: dict[str, Run]) -> dict[str, tuple[Run, torch.Tensor]]:
+    """Each task's prefix with 8 held-out input digits followed by that task's output (the
+    first as in the attention figure), the last token dropped as in training."""
+    inputs = test_set(get_task("sort_asc"), 8).inputs
+    return {
+        _label("vt-prefix", t): (run, torch.cat([inputs, get_task(t).targets(inputs)], 1)[:, :-1])
+        for t, run in prefixes.items()
+    }
 
 
 def own_task(m: Measured, method: str) -> list[list[float]]:
@@ -403,11 +422,21 @@ FIGURES = [
 def render(m: Measured, p: Profile, out: Path) -> Section:
     """The figures into ``out``, and the Section (text, table, claims) from ``m`` alone."""
     draw(m, p, out)
+    View(m.view).save(out / "paper02_view.html")
     return Section(
         title="Paper 02: a prefix selects one of several pretrained skills",
         text=text(m, p),
         tables=[table(m, p)],
         figures=FIGURES,
+        pages=[
+            Page(
+                "paper02_view.html",
+                "seed 0's four prefixes (model selector), each on inputs followed by its task's "
+                "output, per head: the raw pattern with the prefix column, alpha per query, the "
+                "renormalised content beside the base head's (identical: a prefix only adds a "
+                "task-specific bias) and the head output's split, with the check's numbers.",
+            )
+        ],
         claims=claims(m),
     )
 
