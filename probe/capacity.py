@@ -260,9 +260,10 @@ def distinct(completions: Int[Tensor, "m n"]) -> int:
 def random_vectors(model: nn.Module, k: int, generator: torch.Generator) -> Float[Tensor, "k d"]:
     """``k`` vectors at a token embedding's scale: coordinate j drawn from N(mean_j, sd_j), the
     mean and standard deviation of coordinate j over the V token embeddings."""
-    E = first_slot(model).embedding.detach().double()
+    embedding = first_slot(model).embedding.detach()
+    E = embedding.double().cpu()
     z = torch.randn(k, E.shape[1], generator=generator, dtype=torch.float64)
-    return (E.mean(0).cpu() + E.std(0).cpu() * z).to(E.device, first_slot(model).embedding.dtype)
+    return (E.mean(0) + E.std(0) * z).to(embedding.device, embedding.dtype)
 
 
 def random_targets(V: int, k: int, n: int, generator: torch.Generator) -> Int[Tensor, "k n"]:

@@ -236,3 +236,38 @@ def test_hf_gpt2_soft_tokens_hit_reachable_targets_and_errors():
     assert result.hard_distinct <= 40 and result.random_distinct <= 30
     with pytest.raises(ValueError, match="n_ctx=12: use n <= 11"):
         C.measure(model, C.CapacityConfig(k=2, n=12))
+
+
+# ---------------------------------------------------------------------------- CLI, experiment
+
+
+def test_cli_prints_the_counts(tmp_path, capsys):
+    from prefix_probe.cli import main
+
+    model = tiny(11, vocab=6).float()
+    model.save(tmp_path / "m")
+    argv = ["capacity", "--base", str(tmp_path / "m"), "--k", "8", "--n", "3", "--steps", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    expected = C.measure(model, C.CapacityConfig(k=8, n=3, steps=2))
+    assert f"hard:   {expected.hard_distinct:>7,} distinct of 6 first tokens" in out
+    assert f"soft:   {expected.soft_distinct:>7,} distinct of K=8" in out
+    assert main([*argv[:-2], "--n", "9"]) == 2  # n_ctx 8: one line, exit 2
+    assert "use n <= 7" in capsys.readouterr().err
+
+
+def test_experiment_smoke_writes_figure_and_claims(tmp_path):
+    from analysis.experiments import capacity as E
+    from analysis.reproduce import reproduce
+
+    index = reproduce(["capacity"], "smoke", 1, "cpu", tmp_path / "runs", tmp_path / "fig")
+    assert (tmp_path / "fig" / "capacity_counts.png").stat().st_size > 1000
+    text = index.read_text()
+    assert "24,426 / 32,000" in text and "46,812 / 48,218" in text
+    claims = (tmp_path / "fig" / "claims.md").read_text()
+    assert claims.count("| capacity |") == 2
+    assert E.verdict_beyond_hard({"a": {"soft_distinct": 12, "vocab": 11}}) == "supported"
+    assert E.verdict_beyond_hard({"a": {"soft_distinct": 11, "vocab": 11}}).startswith("refuted")
+    mixed = {"a": {"soft_distinct": 12, "vocab": 11}, "b": {"soft_distinct": 3, "vocab": 11}}
+    assert E.verdict_beyond_hard(mixed) == "depends: soft distinct <= V on b"
+    assert E.verdict_control({"a": {"soft_distinct": 5, "random_distinct": 5}}).startswith("ref")
