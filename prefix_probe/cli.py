@@ -31,6 +31,7 @@ COMMANDS = {
     "check-theorem": "probe.cli:add_check_theorem",
     "view": "probe.view:add_command",
     "bench": "probe.bench:add_command",
+    "capacity": "probe.capacity:add_command",
     "reproduce": "analysis.reproduce:add_command",
     "recipes": "analysis.recipes:add_command",
     "results": "analysis.results:add_command",

@@ -61,6 +61,7 @@ QUICK_KEYS = {
     "study": "65fb87dabd596d5c",
     "theorem": "da53224655fb0b49",
     "constructions": "e3b0c44298fc1c14",  # trains nothing: the digest of no keys
+    "capacity": "c1e2555c83adb9b9",  # paper01's bases: nothing trained of its own
     "sweeps": "0fd387ab0e86a1b7",
     "ledger": "653d940be1d01912",
 }

@@ -1,6 +1,7 @@
 """The registry of experiments that ``probe reproduce`` runs, in report order."""
 
 from analysis.experiments import (
+    capacity,
     constructions,
     ledger,
     paper01,
@@ -22,6 +23,7 @@ EXPERIMENTS = {
         study.EXPERIMENT,
         theorem.EXPERIMENT,
         constructions.EXPERIMENT,
+        capacity.EXPERIMENT,
         sweeps.EXPERIMENT,
         ledger.EXPERIMENT,
     )
