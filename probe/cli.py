@@ -418,8 +418,15 @@ def print_theorem_check(header: str, result) -> int:
     ]
     if changed:
         print(f"layers {changed}: a prefix, but ln1/W_Q/W_K/W_V changed too: no identity applies")
-    if not any(d.P for d in result.decompositions):
+    if not any(d.P for d in result.decompositions) and not result.gated:
         print("no prefix, so no identity applies: drift and rank only")
+    for g in result.gated or []:
+        if g is not None:
+            print(
+                f"layer {g.layer}: gated bias, gate {g.gate:.3g}, error {g.error:.1e} "
+                f"({g.tol:.0e})  {'ok' if g.ok else 'FAIL'}  rank {int(g.rank.max())}/{g.P_a}"
+            )
+    print(result.classify().line())
     return 1 if failures else 0
 
 

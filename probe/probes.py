@@ -501,6 +501,8 @@ class TheoremCheck:
     """Everything :func:`check_theorem` measured, per layer, and which identities failed.
 
     expected[l]: whether layer l's identities must hold (a prefix, and a frozen head).
+    gated[l]: an adaption prompt's gated-bias identity at layer l (``probe.classify.GatedBias``;
+    None where the layer has no adapter); None for every other tuning.
     """
 
     decompositions: list[Decomposition]
@@ -510,6 +512,7 @@ class TheoremCheck:
     pattern_tol: list[float]
     z_tol: list[float]
     expected: list[bool]
+    gated: list | None = None
 
     def failures(self, layer: int | None = None, head: int | None = None) -> list[str]:
         """A line per (layer, head, identity) beyond tolerance where the identity is expected
@@ -527,7 +530,17 @@ class TheoremCheck:
                 ):
                     if not err <= tol:  # also catches NaN
                         out.append(f"layer {d.layer} head {h}: {what} error {err:.3g} > {tol:.3g}")
+        for g in self.gated or []:
+            if g is not None and layer in (None, g.layer) and not g.ok:
+                out.append(f"layer {g.layer}: gated-bias error {g.error:.3g} > {g.tol:.3g}")
         return out
+
+    def classify(self):
+        """The tuning's class (``probe.classify.classify``): bias only, gated bias, re-weights
+        attention or attention kept, with the drift per layer."""
+        from probe.classify import classify
+
+        return classify(self)
 
     @property
     def ok(self) -> bool:

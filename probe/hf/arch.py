@@ -41,6 +41,13 @@ def base_module(mod: nn.Module) -> nn.Module:
     return getattr(mod, "base_layer", mod)
 
 
+def inner_attn(mod: nn.Module) -> nn.Module:
+    """The attention module PEFT's adaption prompt wraps (``AdaptedAttention.model``), else
+    ``mod``. The wrapper runs the wrapped module unchanged and adds its own gated branch
+    (:mod:`probe.hf.gated`), so the content attention is recorded from the wrapped one."""
+    return mod.model if hasattr(mod, "adaption_gate") and hasattr(mod, "model") else mod
+
+
 def effective_weight(mod: nn.Module, name: str = "weight") -> Tensor:
     """The weight a (possibly LoRA-wrapped) module applies: base + every active, unmerged delta.
 
@@ -162,12 +169,12 @@ _LLAMA = dict(
     family="llama",
     shape=_llama_shape,
     layers=lambda m: m.model.layers,
-    attn=lambda b: b.self_attn,
+    attn=lambda b: inner_attn(b.self_attn),
     head_input=lambda b: [
         b.input_layernorm,
-        b.self_attn.q_proj,
-        b.self_attn.k_proj,
-        b.self_attn.v_proj,
+        inner_attn(b.self_attn).q_proj,
+        inner_attn(b.self_attn).k_proj,
+        inner_attn(b.self_attn).v_proj,
     ],
     qkv=_llama_qkv,
     W_O=lambda a, s, f: _linear_W_O(a.o_proj, s, f),
@@ -179,8 +186,8 @@ ARCHITECTURES: dict[str, Arch] = {
         family="gpt2",
         shape=_gpt2_shape,
         layers=lambda m: m.transformer.h,
-        attn=lambda b: b.attn,
-        head_input=lambda b: [b.ln_1, b.attn.c_attn],
+        attn=lambda b: inner_attn(b.attn),
+        head_input=lambda b: [b.ln_1, inner_attn(b.attn).c_attn],
         qkv=_gpt2_qkv,
         W_O=_gpt2_W_O,
         rotary=False,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from probe.hf.accumulate import _LayerAcc, _LayerResult
 from probe.hf.arch import _architecture, _is_peft, _peft_type, _shape
+from probe.hf.gated import gated_biases, is_adaption_prompt
 from probe.hf.loading import load_dirs
 from probe.hf.recording import _record_mode, _recording, _Stop
 from probe.hf.resources import (
@@ -146,6 +147,10 @@ def _check_hf(
         z_tol=[a.z_tol for a in stream.accs],
         expected=identities_expected([s.P] * n_layers, s.frozen),
     )
+    if is_adaption_prompt(s.runner):  # its own identity, on the first chunk
+        t, rows = batches[0]
+        with _threads(1):
+            result.gated = gated_biases(s, t[rows], offset, tol_factor)
     return HFCheck(
         result, s.what, stream.kept, list(s.frozen), _positions(s, offset, first.shape[1])
     )
