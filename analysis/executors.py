@@ -1,8 +1,9 @@
 """Where runs train: a local process pool, a Ray cluster or a Slurm cluster.
 
 An :class:`Executor` trains one run per :meth:`Executor.submit` and answers with a
-``concurrent.futures.Future`` of ``runs._worker``'s return: the result, ``{}`` (already
-finished), ``None`` (another process holds the run's claim) or an exception. Everything else
+``concurrent.futures.Future`` of :func:`analysis.store.claim_and_execute`'s return: the
+result, ``{}`` (already finished), ``None`` (another process holds the run's claim) or an
+exception. Everything else
 (which runs are ready, claims, commits, retries, failure records) is
 :func:`analysis.runs.run_sweep`'s, the same for every executor; the store, a directory every
 worker sees, is the only state they share. A run trains at ``RUN_THREADS`` threads on every
@@ -22,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
-from analysis.runs import RUN_THREADS, Run, Store, _worker
+from analysis.store import RUN_THREADS, Run, Store, claim_and_execute
 from probe.hf import MissingExtraError
 
 EXECUTORS = ("local", "ray", "slurm")
@@ -78,18 +79,18 @@ class LocalExecutor(Executor):
         if self.slots == 1:
             future = Future()
             try:
-                future.set_result(_worker(run, store, device, attempt))
+                future.set_result(claim_and_execute(run, store, device, attempt))
             except Exception as e:
                 future.set_exception(e)
             return future
         if self._pool is None:
             self._pool = self._new_pool()
         try:
-            return self._pool.submit(_worker, run, store, device, attempt)
+            return self._pool.submit(claim_and_execute, run, store, device, attempt)
         except BrokenProcessPool:  # a worker died (killed, out of memory): start a new pool
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            return self._pool.submit(_worker, run, store, device, attempt)
+            return self._pool.submit(claim_and_execute, run, store, device, attempt)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -123,7 +124,7 @@ class RayExecutor(Executor):
             else:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             self._started = True
-        self._task = ray.remote(_worker).options(
+        self._task = ray.remote(claim_and_execute).options(
             num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0
         )
         total = ray.cluster_resources()
@@ -197,7 +198,7 @@ class SlurmExecutor(Executor):
         self._jobs: dict = {}
 
     def submit(self, run: Run, store: Store, device: str, attempt: str) -> Future:
-        job = self._executor.submit(_worker, run, store, device, attempt)
+        job = self._executor.submit(claim_and_execute, run, store, device, attempt)
         future = self._threads.submit(job.result)
         self._jobs[future] = job
         future.add_done_callback(lambda f: self._jobs.pop(f, None))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import store_bytes
 
-from analysis import runs
+from analysis import store as store_module
 from analysis.executors import Executor, LocalExecutor, SlurmExecutor, make_executor
 from analysis.experiments import EXPERIMENTS
 from analysis.report import PROFILES
@@ -138,7 +138,7 @@ def test_a_failed_base_blocks_its_adapters_only_and_leaves_a_record(tmp_path):
 
 
 def test_retries_recover_a_transient_failure_and_clear_its_record(tmp_path, monkeypatch):
-    run, real, calls = tiny(steps=5), runs.execute, []
+    run, real, calls = tiny(steps=5), store_module.execute, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -147,7 +147,7 @@ def test_retries_recover_a_transient_failure_and_clear_its_record(tmp_path, monk
             raise OSError("NFS hiccup")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runs, "execute", flaky)
+    monkeypatch.setattr(store_module, "execute", flaky)
     store = Store(tmp_path / "a")
     outcome = run_sweep([run], store, retries=0)
     assert [f.error for f in outcome.failed] == ["OSError: NFS hiccup"]
@@ -192,14 +192,14 @@ def test_a_dead_worker_is_recorded_by_the_scheduler_and_retried(tmp_path):
 def test_reproduce_exits_1_and_builds_the_figures_of_what_finished(tmp_path, monkeypatch, capsys):
     """paper04's base fails: paper04 is skipped with a message, paper01 still gets figures."""
     base = smoke_runs()[0].base
-    real = runs.execute
+    real = store_module.execute
 
     def fail_base(run, *args, **kwargs):
         if run.key == base.key:
             raise RuntimeError("CUDA out of memory")
         return real(run, *args, **kwargs)
 
-    monkeypatch.setattr(runs, "execute", fail_base)
+    monkeypatch.setattr(store_module, "execute", fail_base)
     figures, store = tmp_path / "fig", tmp_path / "runs" / "smoke"
     argv = ["reproduce", EXPERIMENT, "paper01", "--profile", "smoke"]
     argv += ["--runs-dir", str(tmp_path / "runs"), "--figures-dir", str(figures)]
