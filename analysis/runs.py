@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from analysis.executors import LocalExecutor
+from analysis.lifetime import check_main_guard
 from analysis.store import (
     HEARTBEAT_S,
     LEGACY_WEIGHT_DECAY,
@@ -44,6 +45,7 @@ __all__ = [
     "STALE_AFTER_S",
     "Claim",
     "Failure",
+    "Interrupted",
     "Outcome",
     "Run",
     "RunFailed",
@@ -100,6 +102,16 @@ class RunsFailed(RuntimeError):
         )
 
 
+class Interrupted(KeyboardInterrupt):
+    """A sweep stopped by Ctrl-C (SIGINT): its runs in flight were stopped and what they left
+    removed; ``finished`` of the sweep's ``total`` runs (bases included) are in the store, and
+    running the same sweep again trains only the rest."""
+
+    def __init__(self, finished: int, total: int, root: Path):
+        self.finished, self.total, self.root = finished, total, root
+        super().__init__(f"{finished} of {total} runs finished (kept in {root})")
+
+
 def run_sweep(
     runs: list[Run],
     store: Store,
@@ -114,11 +126,17 @@ def run_sweep(
     here or elsewhere; at most ``executor.slots`` runs are in flight. Runs claimed by other
     live processes are waited for, not redone. A failed run is retried up to ``retries`` times,
     then reported with the runs that needed it as a base; every other run still trains.
+
+    Ctrl-C (KeyboardInterrupt) stops the runs in flight (:meth:`Executor.stop`), removes what
+    they left and raises :class:`Interrupted`.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}; pass --jobs 1 or more")
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}; pass --retries 0 or more")
+    own = executor is None
+    executor = LocalExecutor(jobs) if own else executor  # starts nothing until a submit
+    check_main_guard(spawning=isinstance(executor, LocalExecutor) and executor.slots > 1)
     root = Path(store.root).resolve()  # workers elsewhere must not read it against their cwd
     root.mkdir(parents=True, exist_ok=True)
     store.clean()
@@ -127,11 +145,13 @@ def run_sweep(
     # so each is computed once here: recomputing them on every poll kept the scheduler busy.
     todo: dict[str, Run] = {}
     base_key: dict[str, str | None] = {}
+    every: set[str] = set()  # the sweep's keys, finished or not
 
     def add(run: Run):
         if run.base is not None:
             add(run.base)
         key = run.key
+        every.add(key)
         if key not in todo and not store.has(key):
             todo[key] = run
             base_key[key] = run.base.key if run.base is not None else None
@@ -140,8 +160,6 @@ def run_sweep(
         add(run)
     outcome, attempts, done_count = Outcome(), {}, 0
     bar = tqdm(total=len(todo), desc="runs", disable=not todo)
-    own = executor is None
-    executor = LocalExecutor(jobs) if own else executor
     running: dict = {}  # future -> (key, attempt token)
 
     def show(starting: int = 0):  # starting: a run being submitted (trained, in-process)
@@ -209,6 +227,11 @@ def run_sweep(
                     done_count += 1
                     bar.update()
         show()
+    except KeyboardInterrupt:
+        bar.close()
+        executor.stop()
+        store.clean()  # the stopped workers are gone: their temporaries and claims go too
+        raise Interrupted(sum(store.has(k) for k in every), len(every), root) from None
     finally:
         for future in running:
             future.cancel()
