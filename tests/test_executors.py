@@ -9,6 +9,7 @@ skipped without them: ``pip install -e '.[test]'`` then
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from concurrent.futures import Future
@@ -280,3 +281,31 @@ def test_the_scheduler_hashes_each_run_once_not_on_every_poll(tmp_path, monkeypa
         return len(calls)
 
     assert hashes(40) < 2.5 * hashes(20)  # linear: ~2x; recomputed every pass: ~4x
+
+
+# ---------------------------------------------------------------------------- layering
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at its top or inside a function (absolute imports)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+def test_store_executors_and_scheduler_import_one_way():
+    """store <- lifetime <- executors <- runs: what trains a run never imports the scheduler,
+    so the arrows run one way (no import circle, no private name reached across)."""
+    analysis = Path(__file__).resolve().parents[1] / "analysis"
+    below = {
+        "store": {"analysis.lifetime", "analysis.executors", "analysis.runs"},
+        "lifetime": {"analysis.store", "analysis.executors", "analysis.runs"},
+        "executors": {"analysis.runs"},
+    }
+    for module, forbidden in below.items():
+        assert not imported_modules(analysis / f"{module}.py") & forbidden, module
+    assert {"analysis.executors", "analysis.store"} <= imported_modules(analysis / "runs.py")

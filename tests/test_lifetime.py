@@ -25,7 +25,7 @@ from helpers import store_bytes
 from analysis import lifetime
 from analysis.experiments import EXPERIMENTS
 from analysis.report import PROFILES
-from analysis.runs import Store, run_all
+from analysis.runs import Run, Store, run_all, run_sweep
 from prefix_probe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,27 @@ if __name__ == "__main__":
                  options={"length": 2}) for s in range(2)]
     print(run_all([base, *tuned], Store(sys.argv[1]), jobs=2))
 """
+BASE = Run("copy", preset="tiny", steps=400, seed=0)
+DRIVER_RUNS = [BASE] + [
+    Run(
+        "reverse",
+        preset="tiny",
+        method="prefix",
+        base=BASE,
+        steps=20,
+        seed=s,
+        options={"length": 2},
+    )
+    for s in range(2)
+]
+# The same sweep on Slurm jobs, run as local processes by submitit (no Slurm needed).
+SLURM_DRIVER = DRIVER.replace(
+    "from analysis.runs import Run, Store, run_all",
+    "from analysis.executors import SlurmExecutor\nfrom analysis.runs import Run, Store, run_all",
+).replace(
+    "jobs=2)",
+    "executor=SlurmExecutor(sys.argv[3], jobs=2, time_min=5, cluster='local'))",
+)
 # The same sweep started at the script's top level: every spawned worker would run it again.
 UNGUARDED = """
 import sys
@@ -133,6 +154,31 @@ def test_kill_9_of_the_driver_ends_its_workers(tmp_path):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
+
+
+@linux_only
+def test_slurm_jobs_outlive_their_driver_and_a_new_driver_waits_for_them(tmp_path):
+    """kill -9 of a driver leaves its Slurm jobs running: they commit their runs, and a driver
+    started meanwhile waits for the runs they hold (live claims) instead of training them."""
+    pytest.importorskip("submitit")
+    script, store = tmp_path / "driver.py", tmp_path / "store"
+    script.write_text(SLURM_DRIVER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(store), "400", str(tmp_path / "jobs")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: claims(store), 120, "base claimed by its job", proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    outcome = run_sweep(DRIVER_RUNS, Store(store), poll=0.05)
+    # The base was trained by the orphaned job, not taken over: only the two adapters here.
+    assert outcome.trained == 2 and not outcome.failed
+    assert all(Store(store).done(r) for r in DRIVER_RUNS)
+    assert not list(store.glob(".*"))
 
 
 def reproduce_argv(runs: Path, figures: Path) -> list[str]:
