@@ -1,8 +1,9 @@
 """Where runs train: a local process pool, a Ray cluster or a Slurm cluster.
 
 An :class:`Executor` trains one run per :meth:`Executor.submit` and answers with a
-``concurrent.futures.Future`` of ``runs._worker``'s return: the result, ``{}`` (already
-finished), ``None`` (another process holds the run's claim) or an exception. Everything else
+``concurrent.futures.Future`` of :func:`analysis.store.claim_and_execute`'s return: the
+result, ``{}`` (already finished), ``None`` (another process holds the run's claim) or an
+exception. Everything else
 (which runs are ready, claims, commits, retries, failure records) is
 :func:`analysis.runs.run_sweep`'s, the same for every executor; the store, a directory every
 worker sees, is the only state they share. A run trains at ``RUN_THREADS`` threads on every
@@ -10,6 +11,18 @@ executor, so its result is the same bytes whichever executor trained it.
 
 Ray and Slurm are optional extras (``prefix-probe[ray]``, ``prefix-probe[slurm]``), imported
 only when chosen.
+
+When the driver (the process running the sweep) dies, however it dies:
+
+* local: its workers end with it (:mod:`analysis.lifetime`);
+* ray: Ray ends the driver's tasks when the driver's job ends, which its death does; a Ray
+  started by the driver (no ``address``) ends with it;
+* slurm: submitted jobs keep running and commit their runs to the store; jobs still queued
+  start later and do the same.
+
+Whatever a dead worker left (a temporary, a claim) is cleaned or taken over by the next sweep,
+and a run whose claim is still live (a Slurm job still training, its heartbeat fresh) is waited
+for, not trained twice, so rerunning the same sweep finishes it with the same bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +35,8 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
-from analysis.runs import RUN_THREADS, Run, Store, _worker
+from analysis.lifetime import Lifeline, check_main_guard, sigint_deferred, worker_init
+from analysis.store import RUN_THREADS, Run, Store, claim_and_execute
 from probe.hf import MissingExtraError
 
 EXECUTORS = ("local", "ray", "slurm")
@@ -52,6 +66,10 @@ class Executor:
         """Release what the executor started (pools, a local Ray); runs in flight are lost
         (their claims go stale and are taken over)."""
 
+    def stop(self) -> None:
+        """End the runs in flight now (the sweep was interrupted), then :meth:`close`."""
+        self.close()
+
     def __enter__(self):
         return self
 
@@ -60,8 +78,9 @@ class Executor:
 
 
 class LocalExecutor(Executor):
-    """Today's executor: ``jobs`` spawned processes on this machine; ``jobs=1`` trains in
-    this process (nothing to pickle, a debugger works)."""
+    """``jobs`` spawned processes on this machine; ``jobs=1`` trains in this process (nothing
+    to pickle, a debugger works). The workers ignore SIGINT and end when this process ends
+    (:mod:`analysis.lifetime`); :meth:`stop` terminates them."""
 
     name = "local"
 
@@ -72,29 +91,55 @@ class LocalExecutor(Executor):
         self._pool = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.slots, mp_context=get_context("spawn"))
+        check_main_guard()
+        return ProcessPoolExecutor(
+            self.slots,
+            mp_context=get_context("spawn"),
+            initializer=worker_init,
+            initargs=(Lifeline(),),
+        )
+
+    def _submit(self, *args) -> Future:
+        # The pool spawns its workers in submit, in this thread: defer Ctrl-C while it does.
+        with sigint_deferred():
+            return self._pool.submit(claim_and_execute, *args)
 
     def submit(self, run: Run, store: Store, device: str, attempt: str) -> Future:
         if self.slots == 1:
             future = Future()
             try:
-                future.set_result(_worker(run, store, device, attempt))
+                future.set_result(claim_and_execute(run, store, device, attempt))
             except Exception as e:
                 future.set_exception(e)
             return future
         if self._pool is None:
             self._pool = self._new_pool()
         try:
-            return self._pool.submit(_worker, run, store, device, attempt)
+            return self._submit(run, store, device, attempt)
         except BrokenProcessPool:  # a worker died (killed, out of memory): start a new pool
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
-            return self._pool.submit(_worker, run, store, device, attempt)
+            return self._submit(run, store, device, attempt)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+
+    def stop(self) -> None:
+        """Terminate the workers and wait until they have exited, so that what they leave in
+        the store belongs to provably dead processes (:meth:`Store.clean` removes it)."""
+        if self._pool is not None:
+            # The pool's processes: no public handle on them before Python 3.14.
+            workers = list(getattr(self._pool, "_processes", {}).values())
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.join(5)
+                if worker.is_alive():  # SIGTERM not acted on (stuck in the kernel): SIGKILL
+                    worker.kill()
+                    worker.join()
+        self.close()
 
 
 class RayExecutor(Executor):
@@ -103,7 +148,12 @@ class RayExecutor(Executor):
     node belongs to); without, it starts a local Ray with ``num_cpus`` CPUs (default: this
     machine's) and shuts it down on :meth:`close`. Ray's own task retries are off:
     ``--retries`` decides. ``jobs`` (default: what the cluster can run at once) caps the runs
-    in flight."""
+    in flight.
+
+    If the driver dies, Ray ends its tasks (they belong to the driver's job, which ends with
+    it), and a local Ray it started ends too; an interrupted sweep's :meth:`close` ends the
+    Ray connection this executor made, which does the same. The next sweep cleans what the
+    killed tasks left."""
 
     name = "ray"
 
@@ -123,7 +173,7 @@ class RayExecutor(Executor):
             else:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             self._started = True
-        self._task = ray.remote(_worker).options(
+        self._task = ray.remote(claim_and_execute).options(
             num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0
         )
         total = ray.cluster_resources()
@@ -153,7 +203,12 @@ class SlurmExecutor(Executor):
     (``{"account": "x", "qos": "y"}``). Job scripts and logs go to ``folder``. ``cluster``
     ``"local"`` runs each job as a local process through submitit's own local executor (for
     tests and a dry run; no Slurm needed). ``jobs`` (default 64) caps the jobs submitted at
-    once; Slurm queues them."""
+    once; Slurm queues them.
+
+    An interrupted sweep (Ctrl-C) cancels its jobs (:meth:`close`). A driver that dies without
+    that (kill -9, its node lost) leaves its jobs to Slurm: they run and commit their runs to
+    the store, and a sweep started meanwhile waits for the runs they hold (live claims) instead
+    of training them again."""
 
     name = "slurm"
 
@@ -197,7 +252,7 @@ class SlurmExecutor(Executor):
         self._jobs: dict = {}
 
     def submit(self, run: Run, store: Store, device: str, attempt: str) -> Future:
-        job = self._executor.submit(_worker, run, store, device, attempt)
+        job = self._executor.submit(claim_and_execute, run, store, device, attempt)
         future = self._threads.submit(job.result)
         self._jobs[future] = job
         future.add_done_callback(lambda f: self._jobs.pop(f, None))

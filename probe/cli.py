@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -561,6 +562,15 @@ def expected_errors() -> tuple[type[Exception], ...]:
     return EXPECTED + ((train.TrainingDiverged,) if train else ())
 
 
+def interrupted(e: KeyboardInterrupt, argv: list[str] | None) -> str:
+    """The one line for Ctrl-C: what the interrupted work says of itself (a sweep: how many
+    runs finished) and, where it resumes (``analysis.runs.Interrupted``), the command that does."""
+    line = "interrupted" + (f": {e}" if str(e) else "")
+    if hasattr(e, "finished"):
+        line += f"; resume with: {shlex.join(['probe', *(sys.argv[1:] if argv is None else argv)])}"
+    return line
+
+
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     """Run a command; ``parser`` defaults to this layer's (prefix_probe.cli passes all).
     Expected failures print one line (the problem and the fix) and return 2; unexpected ones
@@ -577,10 +587,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         if getattr(args, "device", None):
             check_device(args.device)
         return args.run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"probe {args.command}: interrupted", file=sys.stderr)
+        print(f"probe {args.command}: {interrupted(e, argv)}", file=sys.stderr)
         return 130
     except expected_errors() as e:
         if debug:

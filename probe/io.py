@@ -239,7 +239,7 @@ def staging_dir(path: Path) -> Iterator[Path]:
     once that owner is provably dead). Whatever is still there when the block exits (it raised,
     or :func:`publish_dir` refused) is removed; a published one has already left.
 
-    Shared by :func:`save_dir` and the run store's commit (``analysis.runs.execute``), which
+    Shared by :func:`save_dir` and the run store's commit (``analysis.store.execute``), which
     differ only in what they do when ``path`` already holds something (see each).
     """
     path.parent.mkdir(parents=True, exist_ok=True)

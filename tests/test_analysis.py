@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from helpers import store_bytes, without_seconds
 
-from analysis import report, runs
+from analysis import report
 from analysis.experiments import EXPERIMENTS, ledger
 from analysis.report import PROFILES
 from analysis.reproduce import reproduce
 from analysis.runs import RUN_THREADS, Run, Store, execute, run_all, variant
-from probe import io
+from probe import io, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = PROFILES["smoke"]
@@ -139,15 +139,15 @@ def test_run_key_follows_the_default_learning_rate(monkeypatch):
     # lr=None means DEFAULT_LR[method]: a changed default must not reuse a stale result.
     tuned = Run("reverse", preset="tiny", method="prefix", base=tiny_base(), steps=20)
     before = tuned.key
-    monkeypatch.setitem(runs.DEFAULT_LR, "prefix", runs.DEFAULT_LR["prefix"] / 2)
+    monkeypatch.setitem(train.DEFAULT_LR, "prefix", train.DEFAULT_LR["prefix"] / 2)
     assert tuned.key != before
-    assert tuned.key == variant(tuned, lr=runs.DEFAULT_LR["prefix"]).key
+    assert tuned.key == variant(tuned, lr=train.DEFAULT_LR["prefix"]).key
 
 
 def test_run_key_follows_the_default_weight_decay(monkeypatch):
     tuned = Run("reverse", preset="tiny", method="prefix", base=tiny_base(), steps=20)
     before = tuned.key
-    monkeypatch.setitem(runs.DEFAULT_WEIGHT_DECAY, "prefix", 0.05)
+    monkeypatch.setitem(train.DEFAULT_WEIGHT_DECAY, "prefix", 0.05)
     assert tuned.key != before
     assert tuned.key == variant(tuned, weight_decay=0.05).key
 
@@ -191,7 +191,7 @@ def test_half_written_directory_is_never_a_result(tmp_path, monkeypatch):
     def die(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("analysis.runs.os.rename", die)
+    monkeypatch.setattr("analysis.store.os.rename", die)
     with pytest.raises(KeyboardInterrupt):
         execute(run, tmp_path)
     monkeypatch.undo()

@@ -9,6 +9,7 @@ skipped without them: ``pip install -e '.[test]'`` then
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from concurrent.futures import Future
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import store_bytes
 
-from analysis import runs
+from analysis import store as store_module
 from analysis.executors import Executor, LocalExecutor, SlurmExecutor, make_executor
 from analysis.experiments import EXPERIMENTS
 from analysis.report import PROFILES
@@ -138,7 +139,7 @@ def test_a_failed_base_blocks_its_adapters_only_and_leaves_a_record(tmp_path):
 
 
 def test_retries_recover_a_transient_failure_and_clear_its_record(tmp_path, monkeypatch):
-    run, real, calls = tiny(steps=5), runs.execute, []
+    run, real, calls = tiny(steps=5), store_module.execute, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -147,7 +148,7 @@ def test_retries_recover_a_transient_failure_and_clear_its_record(tmp_path, monk
             raise OSError("NFS hiccup")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runs, "execute", flaky)
+    monkeypatch.setattr(store_module, "execute", flaky)
     store = Store(tmp_path / "a")
     outcome = run_sweep([run], store, retries=0)
     assert [f.error for f in outcome.failed] == ["OSError: NFS hiccup"]
@@ -192,14 +193,14 @@ def test_a_dead_worker_is_recorded_by_the_scheduler_and_retried(tmp_path):
 def test_reproduce_exits_1_and_builds_the_figures_of_what_finished(tmp_path, monkeypatch, capsys):
     """paper04's base fails: paper04 is skipped with a message, paper01 still gets figures."""
     base = smoke_runs()[0].base
-    real = runs.execute
+    real = store_module.execute
 
     def fail_base(run, *args, **kwargs):
         if run.key == base.key:
             raise RuntimeError("CUDA out of memory")
         return real(run, *args, **kwargs)
 
-    monkeypatch.setattr(runs, "execute", fail_base)
+    monkeypatch.setattr(store_module, "execute", fail_base)
     figures, store = tmp_path / "fig", tmp_path / "runs" / "smoke"
     argv = ["reproduce", EXPERIMENT, "paper01", "--profile", "smoke"]
     argv += ["--runs-dir", str(tmp_path / "runs"), "--figures-dir", str(figures)]
@@ -280,3 +281,31 @@ def test_the_scheduler_hashes_each_run_once_not_on_every_poll(tmp_path, monkeypa
         return len(calls)
 
     assert hashes(40) < 2.5 * hashes(20)  # linear: ~2x; recomputed every pass: ~4x
+
+
+# ---------------------------------------------------------------------------- layering
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at its top or inside a function (absolute imports)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+def test_store_executors_and_scheduler_import_one_way():
+    """store <- lifetime <- executors <- runs: what trains a run never imports the scheduler,
+    so the arrows run one way (no import circle, no private name reached across)."""
+    analysis = Path(__file__).resolve().parents[1] / "analysis"
+    below = {
+        "store": {"analysis.lifetime", "analysis.executors", "analysis.runs"},
+        "lifetime": {"analysis.store", "analysis.executors", "analysis.runs"},
+        "executors": {"analysis.runs"},
+    }
+    for module, forbidden in below.items():
+        assert not imported_modules(analysis / f"{module}.py") & forbidden, module
+    assert {"analysis.executors", "analysis.store"} <= imported_modules(analysis / "runs.py")
