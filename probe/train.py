@@ -198,6 +198,46 @@ def generate(forward: Forward, inputs: Int[Tensor, "batch in_len"], n_new: int) 
     return tokens[:, inputs.shape[1] :]
 
 
+def _optimiser(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays matrices only; vectors (biases, gains) get no weight decay."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        fused=FUSED_ADAMW,
+    )
+
+
+def _train_batch(
+    task: Task, cfg: TrainConfig, pool: Batch | None, data_rng: torch.Generator
+) -> Batch:
+    """A fresh batch, or (with ``cfg.train_size``) one drawn with replacement from ``pool``."""
+    if pool is None:
+        return task.batch(cfg.batch_size, "train", data_rng).to(cfg.device)
+    idx = torch.randint(0, cfg.train_size, (cfg.batch_size,), generator=data_rng)
+    return Batch(pool.inputs[idx], pool.targets[idx]).to(cfg.device)
+
+
+def _loss_diverged(loss: Tensor, step: int, cfg: TrainConfig) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"loss is {loss.item()} at step {step} (lr {cfg.lr_at(step):.2e}); "
+        "lower the learning rate or clip gradients harder. Nothing was saved."
+    )
+
+
+def _check_finite(params: list[nn.Parameter], step: int, cfg: TrainConfig) -> None:
+    """Raise TrainingDiverged if a trained tensor holds NaN or Inf after ``step``."""
+    bad = sum(1 for p in params if not torch.isfinite(p).all())
+    if bad:
+        raise TrainingDiverged(
+            f"{bad} of {len(params)} trained tensors hold NaN or Inf after step {step + 1} "
+            f"(lr {cfg.lr_at(step):.2e}); lower the learning rate. Nothing was saved."
+        )
+
+
 def train(
     forward: Forward,
     params: Iterable[nn.Parameter],
@@ -218,15 +258,7 @@ def train(
     modules = list(modules)
     torch.manual_seed(cfg.seed)  # dropout
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    optimiser = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=cfg.betas,
-        fused=FUSED_ADAMW,
-    )
+    optimiser = _optimiser(params, cfg)
 
     def set_mode(training: bool):
         for m in modules:
@@ -248,19 +280,12 @@ def train(
     for step in bar:
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr_at(step)
-        if pool is None:
-            batch = task.batch(cfg.batch_size, "train", data_rng).to(cfg.device)
-        else:
-            idx = torch.randint(0, cfg.train_size, (cfg.batch_size,), generator=data_rng)
-            batch = Batch(pool.inputs[idx], pool.targets[idx]).to(cfg.device)
+        batch = _train_batch(task, cfg, pool, data_rng)
         logits = output_logits(forward, batch.tokens, task)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
         if not torch.isfinite(loss):
             set_mode(False)
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step} (lr {cfg.lr_at(step):.2e}); "
-                "lower the learning rate or clip gradients harder. Nothing was saved."
-            )
+            raise _loss_diverged(loss, step, cfg)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -289,10 +314,5 @@ def train(
                 break
     bar.close()
     set_mode(False)
-    bad = sum(1 for p in params if not torch.isfinite(p).all())
-    if bad:
-        raise TrainingDiverged(
-            f"{bad} of {len(params)} trained tensors hold NaN or Inf after step {step + 1} "
-            f"(lr {cfg.lr_at(step):.2e}); lower the learning rate. Nothing was saved."
-        )
+    _check_finite(params, step, cfg)
     return TrainResult(step + 1, accuracy, time.perf_counter() - start, history)

@@ -20,6 +20,7 @@ from analysis.report import (
     Profile,
     Section,
     accuracy,
+    curve_caption,
     curve_note,
     histories,
     markdown_table,
@@ -163,9 +164,7 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
             ),
             Figure(
                 "paper01_curves.png",
-                "Learning curves of every paper-01 run (held-out exact match on 512 test "
-                "sequences while training, one line per seed): a flat end is converged at this "
-                "budget, a rising one was cut off.",
+                curve_caption("every paper-01 run"),
             ),
             Figure(
                 "paper01_attention.png",

@@ -33,6 +33,7 @@ from analysis.report import (
     Profile,
     Section,
     accuracy,
+    curve_caption,
     curve_note,
     histories,
     markdown_table,
@@ -395,9 +396,10 @@ FIGURES = [
     ),
     Figure(
         "paper02_curves.png",
-        "Learning curves of each task's prefixes (one line per seed) and soft prompt "
-        "(seed 0), held-out exact match on 512 test sequences while training: a flat end "
-        "is converged at this budget, a rising one was cut off.",
+        curve_caption(
+            "each task's prefixes and soft prompt",
+            lines="one line per prefix seed, the soft prompt's seed 0",
+        ),
     ),
     Figure(
         "paper02_attention.png",
