@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from probe.adapters import Adapter, AdapterConfig
+from probe.config import PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY
 from probe.model import Transformer
 from tasks import Batch, Task, test_set
 
-# One fused kernel steps every parameter (torch >= 2.4 on CPU): 2-8x faster than the
-# per-parameter loop (01: 1.16 -> 0.15 ms, 03: 8.2 -> 4.4 ms per step).
+# One fused kernel steps every parameter (torch >= 2.4 on CPU), several times faster than the
+# per-parameter loop on these small models.
 FUSED_ADAMW = torch.__version__ >= "2.4"
 EVAL_CHUNK = 256  # sequences per forward pass in evaluate()
 
@@ -42,10 +43,10 @@ class TrainConfig:
     """Optimisation settings (AdamW, linear warm-up then cosine decay to 10%)."""
 
     steps: int = 1000
-    lr: float = 3e-3
+    lr: float = PRETRAIN_LR
     batch_size: int = 64
     warmup: int = 50
-    weight_decay: float = 0.1
+    weight_decay: float = PRETRAIN_WEIGHT_DECAY
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     eval_every: int = 100
@@ -131,13 +132,13 @@ DEFAULT_LR = {
 # towards zero by lr * wd of itself per step: 1% a step for a prefix at lr 0.1, which held the
 # K/V prefix on the composition sort_asc_add1 (P=10, seed 0, 1,000 steps) at 85% where it
 # reaches 99% without (figures/recipes.md). LoRA was unaffected either way (73% / 74% on hist).
-# Full fine-tuning and pretraining keep the usual 0.1 (TrainConfig's default).
+# Full fine-tuning keeps pretraining's (TrainConfig's default).
 DEFAULT_WEIGHT_DECAY = {
     "prefix": 0.0,
     "vt-prefix": 0.0,
     "prompt": 0.0,
     "lora": 0.0,
-    "full": 0.1,
+    "full": PRETRAIN_WEIGHT_DECAY,
     "prefix+lora": 0.0,
 }
 
@@ -182,7 +183,7 @@ def evaluate(
     if not 0 <= given < task.output_len:
         raise ValueError(f"given must be in [0, {task.output_len}), got {given}")
     batch = test_set(task, n, seed).to(device)
-    # In chunks, so that a chunk's activations stay in cache: 1.5-2x faster on CPU.
+    # In chunks, so that a chunk's activations stay in cache.
     chunks = batch.tokens.split(EVAL_CHUNK)
     predictions = torch.cat([output_logits(forward, t, task).argmax(-1) for t in chunks])
     return (predictions == batch.targets)[:, given:].all(-1).float().mean().item()

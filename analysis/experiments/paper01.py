@@ -27,6 +27,7 @@ from analysis.report import (
 )
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
+from probe.config import PRETRAIN_LR
 from probe.probes import content_attention
 from probe.view import View
 from tasks import get_task, test_set
@@ -48,7 +49,7 @@ def base_runs(p: Profile) -> list[Run]:
             "sort_asc",
             preset="01",
             steps=p.pick(150, 1500, 20000),
-            lr=p.pick(3e-3, 3e-3, 5e-4),
+            lr=p.pick(PRETRAIN_LR, PRETRAIN_LR, 5e-4),
             batch_size=p.pick(64, 128, 64),
             seed=s,
             eval_tasks=("sort_desc",),

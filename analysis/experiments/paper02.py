@@ -41,6 +41,7 @@ from analysis.report import (
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
 from probe.adapters import Tuned
+from probe.config import PRETRAIN_LR
 from probe.probes import content_attention
 from probe.view import View
 from tasks import get_task, test_set
@@ -64,7 +65,7 @@ def base_runs(p: Profile) -> list[Run]:
             preset="02",
             model=model_overrides(p),
             steps=p.pick(40, 2000, 20000),
-            lr=p.pick(3e-3, 3e-3, 5e-4),
+            lr=p.pick(PRETRAIN_LR, PRETRAIN_LR, 5e-4),
             seed=s,
             eval_tasks=TASKS,
         )

@@ -36,6 +36,7 @@ from analysis.report import (
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
 from probe.check import check_tuned
+from probe.config import PRETRAIN_LR
 from probe.probes import TheoremCheck
 from tasks import get_task, test_set
 
@@ -77,7 +78,7 @@ def base_run(p: Profile, task: str, seed: int) -> Run:
         preset=name,
         model=overrides,
         steps=p.pick(60, 1500, 5000),
-        lr=3e-3,
+        lr=PRETRAIN_LR,
         batch_size=64,
         seed=seed,
         eval_tasks=tuple(t for t in ("copy", "reverse", "sort_asc") if t != task),
