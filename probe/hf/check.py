@@ -205,13 +205,13 @@ class _Stream:
 
     def run(self, batches: list[tuple[Tensor, slice]]) -> list[_LayerResult]:
         """Every chunk's tuned run (and base run), probed; -> each layer's merged results."""
-        base = self._base_run(batches, 0)
+        base_records = self._base_run(batches, 0)
         for i, (t, rows) in enumerate(batches):
             ahead = self._base_run(batches, i + 1)  # the base run goes at most one chunk ahead
             last = i == len(batches) - 1
-            on_record = functools.partial(self._on_record, base=base, last=last)
+            on_record = functools.partial(self._on_record, base_records=base_records, last=last)
             _run(self.s, t, self.offset, rows, on_record, recompute=1, stop=True, mode_held=True)
-            base = ahead
+            base_records = ahead
             del on_record
             _release_heap()
         return [job.result() for job in self.finals]
@@ -232,10 +232,10 @@ class _Stream:
         done.set_result(self._base_records(*batches[i]))
         return done
 
-    def _on_record(self, rec: AttentionRecord, base: Future | None, last: bool) -> None:
+    def _on_record(self, rec: AttentionRecord, base_records: Future | None, last: bool) -> None:
         if len(self.kept) == rec.layer:  # the first chunk's first input, for the CLI's header
             self.kept.append(_first_row(rec))
-        job = self.probes.submit(self._probe, rec, base, last)
+        job = self.probes.submit(self._probe, rec, base_records, last)
         if last:
             self.finals[rec.layer] = job
         self.queued.append(job)
@@ -244,10 +244,13 @@ class _Stream:
         if rec.layer % 4 == 3:  # within a run too: a lower peak for a little time
             _release_heap()
 
-    def _probe(self, rec: AttentionRecord, base: Future | None, last: bool) -> _LayerResult | None:
+    def _probe(
+        self, rec: AttentionRecord, base_records: Future | None, last: bool
+    ) -> _LayerResult | None:
         """On the probes' thread: add the record to its layer; the merged result after the last."""
         acc = self.accs[rec.layer]
-        acc.add(rec, base.result()[rec.layer] if base else None, self.tol_factor)
+        base_rec = base_records.result()[rec.layer] if base_records else None
+        acc.add(rec, base_rec, self.tol_factor)
         if not last:
             return None
         with _small_linalg():
