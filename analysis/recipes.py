@@ -64,10 +64,18 @@ def base_label(run: Run) -> str:
 def trials(p: Profile = QUICK) -> list[Trial]:
     """The search, on profile ``p``'s runs (quick: the very runs the experiments use)."""
     bases = paper03.base_runs(p)
-    base = bases[0]
     # The first chosen base trained at batch 128; the adapter trials before weight decay was
     # dropped ran on it (their keys stay those runs').
-    old_base = variant(base, batch_size=128)
+    old_base = variant(bases[0], batch_size=128)
+    return [
+        *_base_trials(bases[0], old_base),
+        *_composition_trials(p, bases, old_base),
+        *_lora_trials(p, bases, old_base),
+        *_reverse_trials(p),
+    ]
+
+
+def _base_trials(base: Run, old_base: Run) -> list[Trial]:
     group = "mix4 base (03 shape)"
     out = [Trial(group, base_label(base), base, chosen=True)]
     out.append(Trial(group, base_label(old_base), old_base))
@@ -77,11 +85,15 @@ def trials(p: Profile = QUICK) -> list[Trial]:
     # The paper's settings (lr 5e-4, batch 64, dropout 0.1) under our warm-up and cosine decay.
     paper = variant(base, lr=5e-4, batch_size=64, model={**dict(base.model), "dropout": 0.1})
     out.append(Trial(group, base_label(paper) + " (the paper's)", paper))
+    return out
 
+
+def _composition_trials(p: Profile, bases: list[Run], old_base: Run) -> list[Trial]:
     # Searched at half the experiment's budget (paper03.NEW_TASK_STEPS). The learning rate was
     # searched with weight decay 0.1 (then every run's); dropping it was the larger win, on two
     # seeds (DEFAULT_WEIGHT_DECAY).
     group = "prefix P=10 -> sort_asc_add1"
+    base, out = bases[0], []
 
     def composition(on: Run, **changes) -> Run:
         run = paper03.tuned(p, on, "sort_asc_add1")
@@ -104,8 +116,12 @@ def trials(p: Profile = QUICK) -> list[Trial]:
     out.append(Trial(group, f"batch-128 base: virtual-token prefix, lr 0.1, {wd_label(run)}", run))
     run = composition(base, method="vt-prefix")
     out.append(Trial(group, f"virtual-token prefix, lr 0.1, {wd_label(run)}", run))
+    return out
 
+
+def _lora_trials(p: Profile, bases: list[Run], old_base: Run) -> list[Trial]:
     group = "LoRA (W_O, W_in, W_out) -> hist"
+    base, out = bases[0], []
     lora = paper04.tuned(p, base, "lora")
     old_lora = paper04.tuned(p, old_base, "lora")
     for rank, lr, steps, wd in (
@@ -128,8 +144,12 @@ def trials(p: Profile = QUICK) -> list[Trial]:
         out.append(Trial(group, f"seed 1, batch-128 base: {lora_label(run)}", run))
         run = paper04.tuned(p, bases[1], "lora")
         out.append(Trial(group, f"seed 1: {lora_label(run)}", run, chosen=True))
+    return out
 
+
+def _reverse_trials(p: Profile) -> list[Trial]:
     group = "LoRA, sort_asc base -> reverse"
+    out = []
     for seed in (0, 2):
         reverse = study.tuned(p, study.base_run(p, "sort_asc", seed), "reverse", "lora")
         grid = [("rank 4 on W_Q/K/V/O, lr 3e-2", None, 3e-2)]

@@ -131,6 +131,19 @@ def curve_note(store: Store, runs: list[Run], target: float | None = None) -> st
     return note
 
 
+CURVE_SEQUENCES = 512  # the test sequences a run scores while training (Run.train_config)
+
+
+def curve_caption(subject: str, lines: str = "one line per seed", note: str = "") -> str:
+    """The caption of a learning-curve figure: whose curves, how they were scored, and how to
+    read a flat or rising end. ``note`` adds what is particular to the figure."""
+    return (
+        f"Learning curves of {subject} (held-out exact match on {CURVE_SEQUENCES} test "
+        f"sequences while training, {lines}).{' ' + note if note else ''} A flat end means the "
+        "final number is converged at this budget, a rising one that the run was cut off."
+    )
+
+
 def histories(store: Store, runs: list[Run]) -> list[list[dict]]:
     """The learning curves (one per run) that ``plots.learning_curves`` draws."""
     return [store.result(r)["history"] for r in runs]

@@ -45,6 +45,7 @@ import torch
 
 from probe import io
 from probe.adapters import AdapterConfig, adapter_config, load_adapter
+from probe.config import PRETRAIN_LR
 from probe.model import Transformer, preset
 from probe.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, evaluate, pretrain, tune
 from tasks import get_task
@@ -76,7 +77,7 @@ class Run:
     options: Mapping[str, Any] | tuple = ()
     base: Run | None = None
     steps: int = 1000
-    lr: float | None = None  # None -> DEFAULT_LR[method] (3e-3 for pretraining)
+    lr: float | None = None  # None -> DEFAULT_LR[method] (PRETRAIN_LR for pretraining)
     batch_size: int = 64
     warmup: int = 50  # linear warm-up steps before the cosine decay (TrainConfig.warmup)
     seed: int = 0
@@ -122,7 +123,7 @@ class Run:
 
     @property
     def effective_lr(self) -> float:
-        return self.lr or (DEFAULT_LR[self.method] if self.method else 3e-3)
+        return self.lr or (DEFAULT_LR[self.method] if self.method else PRETRAIN_LR)
 
     @property
     def effective_weight_decay(self) -> float:

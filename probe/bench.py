@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from probe.adapters import adapter_config, make_adapter
 from probe.cli import build_parser, train_config  # time_to_accuracy uses the CLI's own defaults
+from probe.config import PRETRAIN_WEIGHT_DECAY
 from probe.model import KVPrefix, Transformer, preset
 from probe.train import (
     DEFAULT_LR,
@@ -225,7 +226,9 @@ def time_evaluation(name: str, bench: BenchConfig) -> dict:
 def time_to_accuracy(bench: BenchConfig) -> dict:
     """The paper's experiment 01 with ``probe pretrain`` / ``probe tune`` defaults, timed."""
 
-    def cli_config(*argv: str, lr: float | None = None, weight_decay: float = 0.1) -> TrainConfig:
+    def cli_config(
+        *argv: str, lr: float | None = None, weight_decay: float = PRETRAIN_WEIGHT_DECAY
+    ) -> TrainConfig:
         args = build_parser().parse_args([*argv, "--out", "-", "--no-progress"])
         cfg = train_config(args, lr, weight_decay)
         return replace(cfg, device=bench.device, seed=bench.seed)

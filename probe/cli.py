@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from probe.config import PRESETS, ModelConfig, preset
+from probe.config import PRESETS, PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY, ModelConfig, preset
 from probe.hf import MissingExtraError
-from probe.io import check_target
+from probe.io import MODEL_FORMAT, check_target
 from tasks import get_task, list_tasks, task_source
 from tasks.sources import import_source
 
@@ -101,7 +101,8 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
         "--weight-decay",
         type=float,
         default=None,
-        help="AdamW's decoupled weight decay on matrices (default: 0.1 to pretrain; the "
+        help="AdamW's decoupled weight decay on matrices (default: "
+        f"{PRETRAIN_WEIGHT_DECAY:g} to pretrain; the "
         "method's to tune, see probe.train.DEFAULT_WEIGHT_DECAY)",
     )
     p.add_argument("--seed", type=int, default=0, help="data, dropout and init seed")
@@ -128,7 +129,9 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch_size
     )
 
 
-def train_config(args, lr: float | None = None, weight_decay: float = 0.1) -> TrainConfig:
+def train_config(
+    args, lr: float | None = None, weight_decay: float = PRETRAIN_WEIGHT_DECAY
+) -> TrainConfig:
     from probe.train import TrainConfig
 
     return TrainConfig(
@@ -197,7 +200,7 @@ def read_config_file(path: str | Path) -> dict:
         raise ValueError(
             f"{path}: expected a table of ModelConfig fields, got {type(data).__name__}"
         )
-    if data.get("format") == "prefix-probe-model/1":  # a saved model's shape
+    if data.get("format") == MODEL_FORMAT:  # a saved model's shape
         data = data["config"]
     return data
 
@@ -481,7 +484,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "over the preset",
     )
     p.add_argument("--out", required=True, help="directory to save the model to")
-    add_train_args(p, steps=1500, lr=3e-3, batch_size=128)
+    add_train_args(p, steps=1500, lr=PRETRAIN_LR, batch_size=128)
     p.set_defaults(run=cmd_pretrain)
 
     p = sub.add_parser("tune", help="tune an adapter on a frozen base model")

@@ -9,10 +9,17 @@ imports neither our model nor transformer-lens, which it does not use (0.7 s of 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
-from torch import Tensor
+from torch import Tensor, nn
+
+# Pretraining's optimiser defaults (TrainConfig's, and ``probe pretrain``'s). Changing them
+# changes every base model, so the experiments' run keys follow them.
+PRETRAIN_LR = 3e-3
+PRETRAIN_WEIGHT_DECAY = 0.1  # AdamW's, on matrices only
 
 
 @dataclass(frozen=True)
@@ -100,3 +107,17 @@ class KVPrefix(NamedTuple):
     @property
     def length(self) -> int:
         return self.keys.shape[-3]
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Run the body with every submodule of ``modules`` in eval mode (no dropout), then restore
+    each submodule's own mode, whatever it was (also on an exception)."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training

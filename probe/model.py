@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -44,25 +43,17 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from probe import io
-from probe.config import PRESETS, KVPrefix, ModelConfig, preset  # noqa: F401 (re-exported)
+from probe.config import (  # noqa: F401 (re-exported)
+    PRESETS,
+    KVPrefix,
+    ModelConfig,
+    eval_mode,
+    preset,
+)
 
 
 class DropoutActiveWarning(UserWarning):
     """A cache was recorded with dropout active: it does not hold the attention identities."""
-
-
-@contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Run the body with every submodule of ``modules`` in eval mode (no dropout), then restore
-    each submodule's own mode, whatever it was (also on an exception)."""
-    saved = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
 
 
 class LayerNorm(nn.Module):

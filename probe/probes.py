@@ -426,6 +426,30 @@ class BiasSubspace:
     change_rank: Int[Tensor, " h"]
     tol: Float[Tensor, " h"]
 
+    @classmethod
+    def from_spectra(
+        cls,
+        layer: int,
+        P: int,
+        sv: Float[Tensor, "h k"],
+        change_sv: Float[Tensor, "h k"],
+        scale: Float[Tensor, " h"],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+    ) -> BiasSubspace:
+        """Ranks from the two spectra under the tolerance rule above: ``shape`` is (N, d) and
+        ``scale`` [h] the largest singular value of z W_O or z_base W_O_frozen."""
+        tol = max(shape) * torch.finfo(dtype).eps * scale
+        return cls(
+            layer=layer,
+            P=P,
+            singular_values=sv,
+            rank=(sv > tol[:, None]).sum(-1),
+            change_singular_values=change_sv,
+            change_rank=(change_sv > tol[:, None]).sum(-1),
+            tol=tol,
+        )
+
     def rows(self) -> list[dict]:
         return [
             {
@@ -456,15 +480,8 @@ def bias_subspace(
     sv = torch.linalg.svdvals(out - keep * base_out)
     change_sv = torch.linalg.svdvals(out - base_out)
     scale = torch.maximum(torch.linalg.matrix_norm(out, 2), torch.linalg.matrix_norm(base_out, 2))
-    tol = max(out.shape[1:]) * torch.finfo(out.dtype).eps * scale
-    return BiasSubspace(
-        layer=record.layer,
-        P=record.P,
-        singular_values=sv,
-        rank=(sv > tol[:, None]).sum(-1),
-        change_singular_values=change_sv,
-        change_rank=(change_sv > tol[:, None]).sum(-1),
-        tol=tol,
+    return BiasSubspace.from_spectra(
+        record.layer, record.P, sv, change_sv, scale, out.shape[1:], out.dtype
     )
 
 

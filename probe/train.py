@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from probe.adapters import Adapter, AdapterConfig
+from probe.config import PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY
 from probe.model import Transformer
 from tasks import Batch, Task, test_set
 
-# One fused kernel steps every parameter (torch >= 2.4 on CPU): 2-8x faster than the
-# per-parameter loop (01: 1.16 -> 0.15 ms, 03: 8.2 -> 4.4 ms per step).
+# One fused kernel steps every parameter (torch >= 2.4 on CPU), several times faster than the
+# per-parameter loop on these small models.
 FUSED_ADAMW = torch.__version__ >= "2.4"
 EVAL_CHUNK = 256  # sequences per forward pass in evaluate()
 
@@ -42,10 +43,10 @@ class TrainConfig:
     """Optimisation settings (AdamW, linear warm-up then cosine decay to 10%)."""
 
     steps: int = 1000
-    lr: float = 3e-3
+    lr: float = PRETRAIN_LR
     batch_size: int = 64
     warmup: int = 50
-    weight_decay: float = 0.1
+    weight_decay: float = PRETRAIN_WEIGHT_DECAY
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     eval_every: int = 100
@@ -131,13 +132,13 @@ DEFAULT_LR = {
 # towards zero by lr * wd of itself per step: 1% a step for a prefix at lr 0.1, which held the
 # K/V prefix on the composition sort_asc_add1 (P=10, seed 0, 1,000 steps) at 85% where it
 # reaches 99% without (figures/recipes.md). LoRA was unaffected either way (73% / 74% on hist).
-# Full fine-tuning and pretraining keep the usual 0.1 (TrainConfig's default).
+# Full fine-tuning keeps pretraining's (TrainConfig's default).
 DEFAULT_WEIGHT_DECAY = {
     "prefix": 0.0,
     "vt-prefix": 0.0,
     "prompt": 0.0,
     "lora": 0.0,
-    "full": 0.1,
+    "full": PRETRAIN_WEIGHT_DECAY,
     "prefix+lora": 0.0,
 }
 
@@ -182,7 +183,7 @@ def evaluate(
     if not 0 <= given < task.output_len:
         raise ValueError(f"given must be in [0, {task.output_len}), got {given}")
     batch = test_set(task, n, seed).to(device)
-    # In chunks, so that a chunk's activations stay in cache: 1.5-2x faster on CPU.
+    # In chunks, so that a chunk's activations stay in cache.
     chunks = batch.tokens.split(EVAL_CHUNK)
     predictions = torch.cat([output_logits(forward, t, task).argmax(-1) for t in chunks])
     return (predictions == batch.targets)[:, given:].all(-1).float().mean().item()
@@ -196,6 +197,46 @@ def generate(forward: Forward, inputs: Int[Tensor, "batch in_len"], n_new: int) 
         next_token = forward(tokens, positions=slice(-1, None))[:, -1].argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, next_token], dim=1)
     return tokens[:, inputs.shape[1] :]
+
+
+def _optimiser(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays matrices only; vectors (biases, gains) get no weight decay."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        fused=FUSED_ADAMW,
+    )
+
+
+def _train_batch(
+    task: Task, cfg: TrainConfig, pool: Batch | None, data_rng: torch.Generator
+) -> Batch:
+    """A fresh batch, or (with ``cfg.train_size``) one drawn with replacement from ``pool``."""
+    if pool is None:
+        return task.batch(cfg.batch_size, "train", data_rng).to(cfg.device)
+    idx = torch.randint(0, cfg.train_size, (cfg.batch_size,), generator=data_rng)
+    return Batch(pool.inputs[idx], pool.targets[idx]).to(cfg.device)
+
+
+def _loss_diverged(loss: Tensor, step: int, cfg: TrainConfig) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"loss is {loss.item()} at step {step} (lr {cfg.lr_at(step):.2e}); "
+        "lower the learning rate or clip gradients harder. Nothing was saved."
+    )
+
+
+def _check_finite(params: list[nn.Parameter], step: int, cfg: TrainConfig) -> None:
+    """Raise TrainingDiverged if a trained tensor holds NaN or Inf after ``step``."""
+    bad = sum(1 for p in params if not torch.isfinite(p).all())
+    if bad:
+        raise TrainingDiverged(
+            f"{bad} of {len(params)} trained tensors hold NaN or Inf after step {step + 1} "
+            f"(lr {cfg.lr_at(step):.2e}); lower the learning rate. Nothing was saved."
+        )
 
 
 def train(
@@ -218,15 +259,7 @@ def train(
     modules = list(modules)
     torch.manual_seed(cfg.seed)  # dropout
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    optimiser = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=cfg.betas,
-        fused=FUSED_ADAMW,
-    )
+    optimiser = _optimiser(params, cfg)
 
     def set_mode(training: bool):
         for m in modules:
@@ -248,19 +281,12 @@ def train(
     for step in bar:
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr_at(step)
-        if pool is None:
-            batch = task.batch(cfg.batch_size, "train", data_rng).to(cfg.device)
-        else:
-            idx = torch.randint(0, cfg.train_size, (cfg.batch_size,), generator=data_rng)
-            batch = Batch(pool.inputs[idx], pool.targets[idx]).to(cfg.device)
+        batch = _train_batch(task, cfg, pool, data_rng)
         logits = output_logits(forward, batch.tokens, task)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
         if not torch.isfinite(loss):
             set_mode(False)
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step} (lr {cfg.lr_at(step):.2e}); "
-                "lower the learning rate or clip gradients harder. Nothing was saved."
-            )
+            raise _loss_diverged(loss, step, cfg)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -289,10 +315,5 @@ def train(
                 break
     bar.close()
     set_mode(False)
-    bad = sum(1 for p in params if not torch.isfinite(p).all())
-    if bad:
-        raise TrainingDiverged(
-            f"{bad} of {len(params)} trained tensors hold NaN or Inf after step {step + 1} "
-            f"(lr {cfg.lr_at(step):.2e}); lower the learning rate. Nothing was saved."
-        )
+    _check_finite(params, step, cfg)
     return TrainResult(step + 1, accuracy, time.perf_counter() - start, history)

@@ -31,12 +31,11 @@ import importlib
 import importlib.util
 import os
 import sys
-from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 
-from tasks import library
+from tasks import registry
 from tasks.base import Mixture, Task
 
 GROUP = "prefix_probe.tasks"
@@ -45,18 +44,8 @@ HINT = "write MODULE:NAME (a module on the Python path) or path/to/file.py:NAME"
 _entry_points_loaded = False
 
 
-class TaskReferenceError(library.UnknownTaskError):
+class TaskReferenceError(registry.UnknownTaskError):
     """A task reference or task entry point that cannot be loaded (one line: what, and the fix)."""
-
-
-@contextmanager
-def _loading(source: str):
-    """Attribute the tasks registered in the body to ``source`` (see ``probe tasks``)."""
-    library._LOADING.append(source)
-    try:
-        yield
-    finally:
-        library._LOADING.pop()
 
 
 def _first_line(e: BaseException) -> str:
@@ -85,7 +74,7 @@ def import_source(module: str, what: str) -> ModuleType:
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod  # before running it: dataclasses and pickling look it up
         try:
-            with _loading(f"file {module}"):
+            with registry.loading(f"file {module}"):
                 spec.loader.exec_module(mod)
         except Exception as e:
             del sys.modules[name]
@@ -96,7 +85,7 @@ def import_source(module: str, what: str) -> ModuleType:
     if module in sys.modules:
         return sys.modules[module]
     try:
-        with _loading(f"module {module}"):
+        with registry.loading(f"module {module}"):
             return importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and (module == e.name or module.startswith(e.name + ".")):
@@ -114,8 +103,8 @@ def import_source(module: str, what: str) -> ModuleType:
 
 
 def _register_object(obj, source: str) -> Task | Mixture:
-    if library._REGISTRY.get(obj.name) is not obj:
-        library.register(obj, source=source)
+    if registry.registered(obj.name) is not obj:
+        registry.register(obj, source=source)
     return obj
 
 
@@ -135,9 +124,10 @@ def task_from_reference(reference: str) -> Task | Mixture:
             f"{what}: {module}.{name} is a {type(obj).__name__}, not a tasks.Task or "
             "tasks.Mixture; point at a Task object or a registered task name"
         )
-    if name in library._REGISTRY:
-        return library._REGISTRY[name]
-    mine = sorted(n for n, s in library._SOURCES.items() if s == source)
+    task = registry.registered(name)
+    if task is not None:
+        return task
+    mine = registry.names_from(source)
     raise TaskReferenceError(
         f"{what}: {module} has no Task named {name!r} and registered none by that name "
         f"(it registered: {', '.join(mine) or 'nothing'}); define {name} = tasks.Task(...) "
@@ -155,7 +145,7 @@ def load_entry_points() -> None:
         source = f"entry point {ep.name} ({dist})"
         what = f"task entry point {ep.name} = {ep.value!r} (group {GROUP}, package {dist})"
         try:
-            with _loading(source):
+            with registry.loading(source):
                 obj = ep.load()
         except Exception as e:
             raise TaskReferenceError(

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import tasks.library
+import tasks.registry
 from probe.model import DropoutActiveWarning
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def test_python_block_runs_as_pasted(name, code, skip, monkeypatch, capsys):
     if "from_pretrained" in code:
         offline_hub(monkeypatch)
     # A block may register a task: keep the registry as it was for the other tests.
-    monkeypatch.setattr(tasks.library, "_REGISTRY", dict(tasks.library._REGISTRY))
+    monkeypatch.setattr(tasks.registry, "_REGISTRY", dict(tasks.registry._REGISTRY))
     torch.manual_seed(0)
     namespace: dict = {}
     with warnings.catch_warnings():

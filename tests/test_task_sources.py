@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tasks
-import tasks.library
+import tasks.registry
 import tasks.sources
 from prefix_probe.cli import main
 from tasks import TaskReferenceError, get_task, task_source
@@ -29,8 +29,8 @@ USER_TASKS = """
 @pytest.fixture(autouse=True)
 def clean_registry(monkeypatch):
     """Each test starts from the built-ins and leaves no user task or module behind."""
-    monkeypatch.setattr(tasks.library, "_REGISTRY", dict(tasks.library._REGISTRY))
-    monkeypatch.setattr(tasks.library, "_SOURCES", dict(tasks.library._SOURCES))
+    monkeypatch.setattr(tasks.registry, "_REGISTRY", dict(tasks.registry._REGISTRY))
+    monkeypatch.setattr(tasks.registry, "_SOURCES", dict(tasks.registry._SOURCES))
     monkeypatch.setattr(tasks.sources, "_entry_points_loaded", False)
     monkeypatch.setenv(tasks.sources.ENV, "")
     modules = set(sys.modules)
@@ -118,7 +118,7 @@ def _plugin(tmp_path, value):
 def test_entry_point_tasks_load_on_a_miss_and_in_the_listing(tmp_path, monkeypatch):
     _plugin(tmp_path, "myplug_tasks:FLIP")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert "plug_flip" not in tasks.library._REGISTRY
+    assert "plug_flip" not in tasks.registry._REGISTRY
     assert get_task("plug_flip").name == "plug_flip"
     assert task_source("plug_flip") == "entry point rot (myplug)"
     assert "plug_flip" in [t.name for t in tasks.list_tasks()]

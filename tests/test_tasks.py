@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import tasks
 import tasks.base
-import tasks.library
+import tasks.registry
 from tasks import Batch, Mixture, Task, compose, exact_match, get_task, is_test, register, test_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,10 +57,10 @@ def n_distinct(row: list[int]) -> int:
 @pytest.fixture
 def clean_registry():
     """Restore the registry after a test that registers tasks."""
-    saved = dict(tasks.library._REGISTRY)
+    saved = dict(tasks.registry._REGISTRY)
     yield
-    tasks.library._REGISTRY.clear()
-    tasks.library._REGISTRY.update(saved)
+    tasks.registry._REGISTRY.clear()
+    tasks.registry._REGISTRY.update(saved)
 
 
 # ---------------------------------------------------------------------------- targets

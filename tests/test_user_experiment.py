@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import analysis.experiments
-import tasks.library
+import tasks.registry
 from analysis.experiments import EXPERIMENTS
 from prefix_probe.cli import main
 from tasks import sources
@@ -29,8 +29,8 @@ def isolated(monkeypatch):
     """Leave the experiment and task registries, the env and the thread count as they were."""
     monkeypatch.setattr(analysis.experiments, "EXPERIMENTS", EXPERIMENTS)
     saved = dict(EXPERIMENTS)
-    monkeypatch.setattr(tasks.library, "_REGISTRY", dict(tasks.library._REGISTRY))
-    monkeypatch.setattr(tasks.library, "_SOURCES", dict(tasks.library._SOURCES))
+    monkeypatch.setattr(tasks.registry, "_REGISTRY", dict(tasks.registry._REGISTRY))
+    monkeypatch.setattr(tasks.registry, "_SOURCES", dict(tasks.registry._SOURCES))
     monkeypatch.setenv(sources.ENV, "")  # recorded, so the value reproduce sets is undone
     monkeypatch.chdir(ROOT)
     threads = torch.get_num_threads()
@@ -72,7 +72,7 @@ def test_a_user_experiment_reproduces_into_its_own_folder(tmp_path, capsys):
 def test_a_plain_task_name_resolves_through_the_env_modules(monkeypatch):
     """What a spawned worker does: the module is listed, the name is not yet registered."""
     monkeypatch.setenv(sources.ENV, str(ROOT / EXAMPLE))
-    assert "rotate1" not in tasks.library._REGISTRY
+    assert "rotate1" not in tasks.registry._REGISTRY
     assert tasks.get_task("rotate1").description == "shift right by one"
 
 

@@ -20,12 +20,14 @@ from analysis.report import (
     Profile,
     Section,
     accuracy,
+    curve_caption,
     curve_note,
     histories,
     markdown_table,
 )
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
+from probe.config import PRETRAIN_LR
 from probe.probes import content_attention
 from probe.view import View
 from tasks import get_task, test_set
@@ -47,7 +49,7 @@ def base_runs(p: Profile) -> list[Run]:
             "sort_asc",
             preset="01",
             steps=p.pick(150, 1500, 20000),
-            lr=p.pick(3e-3, 3e-3, 5e-4),
+            lr=p.pick(PRETRAIN_LR, PRETRAIN_LR, 5e-4),
             batch_size=p.pick(64, 128, 64),
             seed=s,
             eval_tasks=("sort_desc",),
@@ -163,9 +165,7 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
             ),
             Figure(
                 "paper01_curves.png",
-                "Learning curves of every paper-01 run (held-out exact match on 512 test "
-                "sequences while training, one line per seed): a flat end is converged at this "
-                "budget, a rising one was cut off.",
+                curve_caption("every paper-01 run"),
             ),
             Figure(
                 "paper01_attention.png",

@@ -33,6 +33,7 @@ from analysis.report import (
     Profile,
     Section,
     accuracy,
+    curve_caption,
     curve_note,
     histories,
     markdown_table,
@@ -40,6 +41,7 @@ from analysis.report import (
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
 from probe.adapters import Tuned
+from probe.config import PRETRAIN_LR
 from probe.probes import content_attention
 from probe.view import View
 from tasks import get_task, test_set
@@ -63,7 +65,7 @@ def base_runs(p: Profile) -> list[Run]:
             preset="02",
             model=model_overrides(p),
             steps=p.pick(40, 2000, 20000),
-            lr=p.pick(3e-3, 3e-3, 5e-4),
+            lr=p.pick(PRETRAIN_LR, PRETRAIN_LR, 5e-4),
             seed=s,
             eval_tasks=TASKS,
         )
@@ -395,9 +397,10 @@ FIGURES = [
     ),
     Figure(
         "paper02_curves.png",
-        "Learning curves of each task's prefixes (one line per seed) and soft prompt "
-        "(seed 0), held-out exact match on 512 test sequences while training: a flat end "
-        "is converged at this budget, a rising one was cut off.",
+        curve_caption(
+            "each task's prefixes and soft prompt",
+            lines="one line per prefix seed, the soft prompt's seed 0",
+        ),
     ),
     Figure(
         "paper02_attention.png",

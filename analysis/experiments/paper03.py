@@ -30,6 +30,7 @@ from analysis.report import (
     Profile,
     Section,
     accuracy,
+    curve_caption,
     curve_note,
     histories,
     markdown_table,
@@ -256,10 +257,11 @@ def figures(p: Profile) -> list[Figure]:
         ),
         Figure(
             "paper03_curves.png",
-            "Learning curves of every paper-03 run (held-out exact match on 512 test "
-            "sequences while training; one line per seed): the base's curve scores outputs "
-            "after the first, and each prefix's curve its own task. A flat end means the "
-            "final number is converged at this budget, a rising one that the run was cut off.",
+            curve_caption(
+                "every paper-03 run",
+                note="The base's curve scores outputs after the first, and each prefix's curve "
+                "its own task.",
+            ),
         ),
     ]
 

@@ -24,6 +24,7 @@ from analysis.report import (
     Profile,
     Section,
     accuracy,
+    curve_caption,
     curve_note,
     histories,
     markdown_table,
@@ -259,9 +260,7 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
             ),
             Figure(
                 "paper04_curves.png",
-                "Learning curves of the three methods on hist (held-out exact match on 512 test "
-                "sequences while training, one line per seed): a flat end is converged at this "
-                "budget, a rising one was cut off.",
+                curve_caption("the three methods on hist"),
             ),
         ],
         claims=[

@@ -29,12 +29,14 @@ from analysis.report import (
     Profile,
     Section,
     accuracy,
+    curve_caption,
     histories,
     markdown_table,
 )
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
 from probe.check import check_tuned
+from probe.config import PRETRAIN_LR
 from probe.probes import TheoremCheck
 from tasks import get_task, test_set
 
@@ -76,7 +78,7 @@ def base_run(p: Profile, task: str, seed: int) -> Run:
         preset=name,
         model=overrides,
         steps=p.pick(60, 1500, 5000),
-        lr=3e-3,
+        lr=PRETRAIN_LR,
         batch_size=64,
         seed=seed,
         eval_tasks=tuple(t for t in ("copy", "reverse", "sort_asc") if t != task),
@@ -258,6 +260,63 @@ def prefix_length_plot(lengths, by_length, path: Path) -> None:
     plt.close(fig)
 
 
+def _n_layers(m: Measured) -> int:
+    return len(next(iter(m.sharpness.values())))
+
+
+def _sharpness_table(m: Measured) -> str:
+    n_layers = _n_layers(m)
+    return markdown_table(
+        ["base (seed 0)"]
+        + [f"L{i} largest weight" for i in range(n_layers)]
+        + [f"L{i} entropy (nats)" for i in range(n_layers)],
+        [
+            [b] + [f"{w:.6f}" for w, _ in v] + [f"{e:.2g}" for _, e in v]
+            for b, v in m.sharpness.items()
+        ],
+    )
+
+
+def _drift_table(m: Measured) -> str:
+    n_layers = _n_layers(m)
+    return markdown_table(
+        ["method"]
+        + [f"local L{i}" for i in range(n_layers)]
+        + [f"downstream L{i}" for i in range(n_layers)],
+        [[name] + [f"{x:.2e}" for x in m.drift[name][0] + m.drift[name][1]] for name in METHODS],
+    )
+
+
+def _figures(p: Profile) -> list[Figure]:
+    return [
+        Figure(
+            "study_accuracy.png",
+            "Held-out exact match of each method tuning a 2-layer base to a new task, plus "
+            "the untuned base on the target; bars are means over seeds "
+            f"({len(p.seeds)} on {MAIN[0]} -> {MAIN[1]}, 1 elsewhere), whiskers min-max, "
+            "dots single seeds.",
+        ),
+        Figure(
+            "study_curves.png",
+            curve_caption(f"every method on {MAIN[0]} -> {MAIN[1]}"),
+        ),
+        Figure(
+            "study_prefix_length.png",
+            f"Prefix-tuning the {MAIN[0]} base to {MAIN[1]} with longer prefixes: a longer "
+            "prefix adds bias directions but never a new attention pattern.",
+        ),
+        Figure(
+            "study_drift.png",
+            "Mean total-variation drift of relative (renormalised content) attention per "
+            "layer on 64 reverse inputs, seed 0, float64 copies of the models. Left: the "
+            "tuned head vs the frozen head on the same layer input, ~1e-16 (rounding) for "
+            "prefix, virtual-token prefix and prompt, large for full fine-tuning and LoRA on "
+            "W_Q/W_K. Right: tuned vs base model on the same tokens; a prefix moves layer "
+            "1's attention only through its input. Exact zeros are drawn at 1e-17.",
+        ),
+    ]
+
+
 def render(m: Measured, p: Profile, out: Path) -> Section:
     groups = [f"{b} -> {t}" for b, t in m.pairs]
     rows = [["base (no tuning)"] + [ms(v) for v in m.base]]
@@ -274,16 +333,6 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
         ["prefix length P", "reverse accuracy"],
         [[n, ms(v)] for n, v in zip(m.lengths, m.by_length, strict=True)],
     )
-    n_layers = len(next(iter(m.sharpness.values())))
-    sharp_table = markdown_table(
-        ["base (seed 0)"]
-        + [f"L{i} largest weight" for i in range(n_layers)]
-        + [f"L{i} entropy (nats)" for i in range(n_layers)],
-        [
-            [b] + [f"{w:.6f}" for w, _ in v] + [f"{e:.2g}" for _, e in v]
-            for b, v in m.sharpness.items()
-        ],
-    )
     copy_l0 = m.sharpness["copy"][0][0] if "copy" in m.sharpness else None
     learning_curves(
         {f"{name}: {MAIN[0]} -> {MAIN[1]}": {name: m.curves[name]} for name in METHODS},
@@ -296,12 +345,6 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
         [m.drift[name][1] for name in METHODS],
         out / "study_drift.png",
         f"Study: attention drift by layer, {MAIN[0]} -> {MAIN[1]} (seed 0, float64)",
-    )
-    drift_table = markdown_table(
-        ["method"]
-        + [f"local L{i}" for i in range(n_layers)]
-        + [f"downstream L{i}" for i in range(n_layers)],
-        [[name] + [f"{x:.2e}" for x in m.drift[name][0] + m.drift[name][1]] for name in METHODS],
     )
     return Section(
         title="Study: copy, reversal and sorting under every tuning method",
@@ -317,36 +360,8 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
             if copy_l0 is not None
             else ""
         ),
-        tables=[table, sharp_table, length_table, drift_table],
-        figures=[
-            Figure(
-                "study_accuracy.png",
-                "Held-out exact match of each method tuning a 2-layer base to a new task, plus "
-                "the untuned base on the target; bars are means over seeds "
-                f"({len(p.seeds)} on {MAIN[0]} -> {MAIN[1]}, 1 elsewhere), whiskers min-max, "
-                "dots single seeds.",
-            ),
-            Figure(
-                "study_curves.png",
-                f"Learning curves of every method on {MAIN[0]} -> {MAIN[1]} (held-out exact "
-                "match on 512 test sequences while training, one line per seed): a flat end is "
-                "converged at this budget, a rising one was cut off.",
-            ),
-            Figure(
-                "study_prefix_length.png",
-                f"Prefix-tuning the {MAIN[0]} base to {MAIN[1]} with longer prefixes: a longer "
-                "prefix adds bias directions but never a new attention pattern.",
-            ),
-            Figure(
-                "study_drift.png",
-                "Mean total-variation drift of relative (renormalised content) attention per "
-                "layer on 64 reverse inputs, seed 0, float64 copies of the models. Left: the "
-                "tuned head vs the frozen head on the same layer input, ~1e-16 (rounding) for "
-                "prefix, virtual-token prefix and prompt, large for full fine-tuning and LoRA on "
-                "W_Q/W_K. Right: tuned vs base model on the same tokens; a prefix moves layer "
-                "1's attention only through its input. Exact zeros are drawn at 1e-17.",
-            ),
-        ],
+        tables=[table, _sharpness_table(m), length_table, _drift_table(m)],
+        figures=_figures(p),
     )
 
 

@@ -20,8 +20,8 @@ cache was prepended (PEFT's prefix, read from its cache), the mask, the scale --
 attention from them and keeps q, k, v, the pattern and z. A forward pre-hook on each attention
 module keeps its input (the norm's output) and its rotary cos/sin, from which the *frozen* head
 is recomputed with the base weights (a LoRA layer's ``base_layer``) and our own rotation. This is
-smaller, faster and more exact than TransformerLens's bridge (which needed a deep copy per run
-and a bridge build, 76% of the old run time, and re-ran the model to check itself): the model and
+smaller, faster and more exact than TransformerLens's bridge (which needs a deep copy per run
+and a bridge build, and re-runs the model to check itself): the model and
 its positions are PEFT's own, and :func:`verify_hf` compares the content logits with the PEFT
 model's own forward (its default attention) and a few greedy ``generate`` steps with
 ``generate``.

@@ -95,16 +95,8 @@ class _LayerAcc:
         out_sv, base_sv = svd(z_part), svd(zb_part)
         sv, change_sv = svd(z_part - kb_part), svd(z_part - zb_part)
         scale = torch.maximum(out_sv[:, 0], base_sv[:, 0])
-        tol = max(self.n, W.shape[-1]) * torch.finfo(self.dtype).eps * scale
-        sub = BiasSubspace(
-            layer=layer,
-            P=self.P,
-            singular_values=sv,
-            rank=(sv > tol[:, None]).sum(-1),
-            change_singular_values=change_sv,
-            change_rank=(change_sv > tol[:, None]).sum(-1),
-            tol=tol,
-        )
+        shape = (self.n, W.shape[-1])
+        sub = BiasSubspace.from_spectra(layer, self.P, sv, change_sv, scale, shape, self.dtype)
         down = _merge_drift(self.down) if self.down else None
         return _LayerResult(dec, _merge_drift(self.local), down, sub)
 

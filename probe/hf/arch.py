@@ -224,6 +224,12 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
+def per_query_head(t: Tensor, groups: int, dim: int) -> Tensor:
+    """Grouped-query attention's shared keys or values, repeated ``groups`` times along the head
+    dimension ``dim`` so that every query head has its own (t itself when groups == 1)."""
+    return t.repeat_interleave(groups, dim=dim) if groups > 1 else t
+
+
 def _architecture(model: nn.Module) -> Arch:
     """The model's :class:`Arch`; one-line errors for what the probes cannot take."""
     name = type(model).__name__

@@ -36,7 +36,6 @@ from probe.probes import AttentionRecord, TheoremCheck, identities_expected, ran
 # estimates: per head and layer the bias subspace stacks N = 128 x T rows (2,432 for the
 # 19-token sort_asc inputs) against 3 d_head columns (192 on GPT-2 small), its ranks are at most
 # P and d_head, and every identity error and drift maximum is taken over those N query rows.
-# At 256, the GPT-2-small check took 27 s at load 3.3 on 2 cores; at 128, 18 s.
 CHECK_INPUTS = 128
 
 
@@ -120,7 +119,7 @@ def _check_hf(
         base_model, tokens, prefix, tuned_model, position_offset, chunk
     )
     # Three threads at one intra-op thread each share the cores without OpenMP's barriers (which
-    # cost 4x on a machine shared with other jobs): the caller's runs the tuned model; a second
+    # stall when other jobs share the cores): the caller's runs the tuned model; a second
     # runs the base model one chunk ahead (downstream drift; not where the base run switches an
     # adapter off, a LoRA injected into the base: there the caller's thread runs it first); a
     # third runs the probes on each layer's record as it arrives, and a layer's merged result
@@ -206,20 +205,20 @@ class _Stream:
 
     def run(self, batches: list[tuple[Tensor, slice]]) -> list[_LayerResult]:
         """Every chunk's tuned run (and base run), probed; -> each layer's merged results."""
-        base = self._base_run(batches, 0)
+        base_records = self._base_run(batches, 0)
         for i, (t, rows) in enumerate(batches):
             ahead = self._base_run(batches, i + 1)  # the base run goes at most one chunk ahead
             last = i == len(batches) - 1
-            on_record = functools.partial(self._on_record, base=base, last=last)
-            _run(self.s, t, self.offset, rows, on_record, recompute=1, stop=True, moded=True)
-            base = ahead
+            on_record = functools.partial(self._on_record, base_records=base_records, last=last)
+            _run(self.s, t, self.offset, rows, on_record, recompute=1, stop=True, mode_held=True)
+            base_records = ahead
             del on_record
             _release_heap()
         return [job.result() for job in self.finals]
 
     def _base_records(self, t: Tensor, rows: slice) -> list[AttentionRecord]:
         recs: list[AttentionRecord] = []
-        _run(self.s, t, self.offset, rows, recs.append, base=True, stop=True, moded=True)
+        _run(self.s, t, self.offset, rows, recs.append, base=True, stop=True, mode_held=True)
         _release_heap()
         return recs
 
@@ -233,22 +232,25 @@ class _Stream:
         done.set_result(self._base_records(*batches[i]))
         return done
 
-    def _on_record(self, rec: AttentionRecord, base: Future | None, last: bool) -> None:
+    def _on_record(self, rec: AttentionRecord, base_records: Future | None, last: bool) -> None:
         if len(self.kept) == rec.layer:  # the first chunk's first input, for the CLI's header
             self.kept.append(_first_row(rec))
-        job = self.probes.submit(self._probe, rec, base, last)
+        job = self.probes.submit(self._probe, rec, base_records, last)
         if last:
             self.finals[rec.layer] = job
         self.queued.append(job)
         while len(self.queued) > 2:  # at most two records wait for the probes
             self.queued.popleft().result()
-        if rec.layer % 4 == 3:  # within a run too: ~40 MiB less peak, ~5% more time
+        if rec.layer % 4 == 3:  # within a run too: a lower peak for a little time
             _release_heap()
 
-    def _probe(self, rec: AttentionRecord, base: Future | None, last: bool) -> _LayerResult | None:
+    def _probe(
+        self, rec: AttentionRecord, base_records: Future | None, last: bool
+    ) -> _LayerResult | None:
         """On the probes' thread: add the record to its layer; the merged result after the last."""
         acc = self.accs[rec.layer]
-        acc.add(rec, base.result()[rec.layer] if base else None, self.tol_factor)
+        base_rec = base_records.result()[rec.layer] if base_records else None
+        acc.add(rec, base_rec, self.tol_factor)
         if not last:
             return None
         with _small_linalg():
@@ -322,8 +324,8 @@ def check_theorem_dirs(
                 raise _Stop  # nothing after the last attention is needed
 
         plain = _setup(base, None, None, min(16, first.shape[0]))
-        # One thread for the statistics too: on a loaded 2-core machine, two threads made their
-        # small mean/std reductions 10x slower (the same values: each is over one dimension).
+        # One thread for the statistics too: on a loaded machine, more threads slow these small
+        # mean/std reductions down (the values are the same: each is over one dimension).
         with _threads(1):
             with _recording(base, on_layer), contextlib.suppress(_Stop):
                 _forward(plain, first[:16], 0, slice(None), 1)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from probe.classify import GatedBias, gated_decompose
-from probe.hf.arch import _architecture, _is_peft, _peft_type, _shape
+from probe.hf.arch import _architecture, _is_peft, _peft_type, _shape, per_query_head
 from probe.hf.recording import _recording
 from probe.hf.run import _forward, _Setup
 
@@ -49,7 +49,7 @@ def _adapter_kv(wrapper: nn.Module, family: str, n_heads: int) -> tuple[Tensor, 
     e = inner.head_dim
     k, v = (t.reshape(t.shape[0], -1, e) for t in (k, v))
     groups = n_heads // k.shape[1]
-    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return per_query_head(k, groups, 1), per_query_head(v, groups, 1)
 
 
 def _adapter_out_map(wrapper: nn.Module, family: str, n_heads: int) -> tuple[Tensor, Tensor | None]:

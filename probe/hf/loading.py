@@ -80,7 +80,7 @@ def is_hf_model_dir(path: str | Path) -> bool:
 
 
 def _check_prefix_config(pm: Any, base: nn.Module, where: str) -> None:
-    """D1: a PEFT prefix adapter (a PeftModel, or its saved config as a namespace) made for
+    """Refuse a PEFT prefix adapter (a PeftModel, or its saved config as a namespace) made for
     another model shape, named in one line."""
     cfg, s = (_peft_cfg(pm), _shape(base)) if _is_peft(pm) else (pm, _shape(base))
     kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))

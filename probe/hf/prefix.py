@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from probe.config import KVPrefix
+from probe.config import KVPrefix, eval_mode
 from probe.hf.arch import _is_peft, _peft_type, _shape
 from probe.hf.loading import (
     PREFIX_PEFT_TYPES,
@@ -74,9 +74,7 @@ def positioned_prompt_to_prefix(
     prompt = prompt.expand(batch, *prompt.shape[1:]) if prompt.shape[0] == 1 else prompt
     P = prompt.shape[1]
     param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model(
             inputs_embeds=prompt.to(param),
             position_ids=torch.arange(P, device=param.device).expand(prompt.shape[0], P),
@@ -84,8 +82,6 @@ def positioned_prompt_to_prefix(
             use_cache=True,
             logits_to_keep=1,
         )
-    finally:
-        model.train(was_training)
     return _cache_to_kv(out.past_key_values)
 
 
@@ -105,12 +101,8 @@ def hf_prefix(model: nn.Module, prefix: Any, batch: int) -> list[KVPrefix]:
         if kind not in PREFIX_PEFT_TYPES + PROMPT_PEFT_TYPES:
             raise ValueError(f"PEFT {kind} adapters are not prefixes; pass them as tuned_model=")
         _check_prefix_config(prefix, model, "prefix")
-        was_training = prefix.training
-        prefix.eval()  # no dropout in the prompt encoder
-        try:
+        with eval_mode(prefix):  # no dropout in the prompt encoder
             prompt = prefix.get_prompt(batch)
-        finally:
-            prefix.train(was_training)
         if kind in PREFIX_PEFT_TYPES:
             kv = _cache_to_kv(prompt)
         else:

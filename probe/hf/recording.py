@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from probe.hf.arch import _architecture, _hf_model
+from probe.config import eval_mode
+from probe.hf.arch import _architecture, _hf_model, per_query_head
 from probe.hf.loading import require_hf
 
 _ATTN_NAME = "prefix_probe_record"  # our entry in transformers' AttentionInterface
@@ -60,8 +61,7 @@ def _recording_attention(
             "config.sliding_window = None"
         )
     groups = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    k, v = per_query_head(key, groups, 1), per_query_head(value, groups, 1)
     s = (query @ k.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
     Tq, K = s.shape[-2:]
     causal = torch.ones(Tq, K, dtype=torch.bool, device=s.device).tril(K - Tq)
@@ -135,7 +135,6 @@ def _record_mode(models: Sequence[nn.Module]) -> Iterator[None]:
     attention and the input pre-hooks; everything is restored on exit. A forward records into
     its thread's :class:`_Recorder` (:func:`_recording`)."""
     _register()
-    training = [(m, m.training) for m in models]
     hf_models = list({id(h): h for h in map(_hf_model, models)}.values())
     impls = [(h.config, h.config._attn_implementation) for h in hf_models]
     handles = []
@@ -147,31 +146,28 @@ def _record_mode(models: Sequence[nn.Module]) -> Iterator[None]:
                 for i, b in enumerate(arch.layers(h))
             ]
             h.config._attn_implementation = _ATTN_NAME
-        for m in models:
-            m.eval()
-        yield
+        with eval_mode(*models):
+            yield
     finally:
         for cfg, impl in impls:
             cfg._attn_implementation = impl
-        for m, was_training in reversed(training):
-            m.train(was_training)
         for h in handles:
             h.remove()
 
 
 @contextlib.contextmanager
 def _recording(
-    model: nn.Module, on_layer: Callable[[int, dict], None], moded: bool = False
+    model: nn.Module, on_layer: Callable[[int, dict], None], mode_held: bool = False
 ) -> Iterator[_Recorder]:
     """Within the block, a forward of ``model`` (a PEFT or HF model) on this thread records into
-    a new :class:`_Recorder` (``on_layer`` per layer). ``moded``: the caller already holds
+    a new :class:`_Recorder` (``on_layer`` per layer). ``mode_held``: the caller already holds
     :func:`_record_mode` for ``model``; else it is entered (and left) here."""
     hf_model = _hf_model(model)
     n_layers = len(_architecture(hf_model).layers(hf_model))
     rec = _Recorder(on_layer)
     prev, _THREAD.recorder = _Recorder.current(), rec
     try:
-        with contextlib.nullcontext() if moded else _record_mode([model]):
+        with contextlib.nullcontext() if mode_held else _record_mode([model]):
             yield rec
     finally:
         _THREAD.recorder = prev

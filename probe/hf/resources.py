@@ -19,10 +19,8 @@ def chunk_size(model: nn.Module, T: int, budget: float = 1 / 24) -> int:
 
     The default is a 24th: the allocator's heap holds several times a chunk's live activations
     between runs (freed blocks it keeps), so the peak beyond the weights grows with the chunk,
-    and three threads hold a chunk's tensors at once (tuned run, base run, probes). On GPT-2
-    small (19 tokens) it gives 11 inputs a chunk: three runs each peaked 637-643 MiB beyond the
-    interpreter against 675-693 at 16 inputs (a 16th), for ~4% more CPU time; chunks of 64 had
-    peaked ~280 MiB higher than 16 on one thread."""
+    and three threads hold a chunk's tensors at once (tuned run, base run, probes). Smaller
+    chunks lower that peak for a little more CPU time per input."""
     s = _shape(model)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     per_input = 2 * 16 * T * max(s.d_model, s.n_heads * s.d_head) * _dtype(model).itemsize

@@ -27,6 +27,7 @@ from probe.hf.arch import (
     _shape,
     base_module,
     head_params,
+    per_query_head,
     rotate,
 )
 from probe.hf.loading import (
@@ -106,7 +107,7 @@ def _check_pair(base: nn.Module, tuned: nn.Module) -> None:
             "tune and probe the same model"
         )
     db, dt = _dtype(base), _dtype(tuned)
-    if db != dt:  # D5: torch.equal across dtypes is always False, so nothing would be checked
+    if db != dt:  # torch.equal across dtypes is always False, so nothing would be checked
         raise ValueError(
             f"the base model is {db} but the tuned/PEFT model {dt}; convert one (e.g. "
             f"model.to({dt})) so both run in one dtype"
@@ -316,8 +317,7 @@ def _make_record(
     P = key.shape[2] - T
 
     def ours(t):  # [b, G, K, e] -> [b, K, H, e], one k/v per query head
-        t = t.transpose(1, 2)
-        return t.repeat_interleave(groups, dim=2) if groups > 1 else t
+        return per_query_head(t.transpose(1, 2), groups, 2)
 
     k_all, v_all = ours(key), ours(value)
     rec = dict(
@@ -360,8 +360,7 @@ def _frozen_qkv(s: _Setup, layer: int, r: dict, S: int, n: int) -> tuple[Tensor,
     if arch.rotary:
         cos, sin = (c[:n, S:] for c in r["pos"])
         q_f, k_f = rotate(q_f, cos, sin), rotate(k_f, cos, sin)
-    if groups > 1:
-        k_f, v_f = (t.repeat_interleave(groups, dim=2) for t in (k_f, v_f))
+    k_f, v_f = per_query_head(k_f, groups, 2), per_query_head(v_f, groups, 2)
     return q_f, k_f, v_f
 
 
@@ -399,7 +398,7 @@ def _run(
     base: bool = False,
     recompute: int | None = None,
     stop: bool = False,
-    moded: bool = False,
+    mode_held: bool = False,
 ) -> Tensor | None:
     """Run tokens[rows] with recording; ``on_record(record)`` per layer, in layer order (None:
     no records, only the logits). ``stop``: end the forward once the last layer's attention is
@@ -413,7 +412,7 @@ def _run(
         if stop and layer == last:
             raise _Stop
 
-    with _recording(s.base_runner if base else s.runner, on_layer, moded):
+    with _recording(s.base_runner if base else s.runner, on_layer, mode_held):
         try:
             return _forward(s, tokens, offset, rows, keep, base)
         except _Stop:

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from probe.config import eval_mode
 from probe.hf.run import _forward, _prepared, _run, _Setup
 
 
@@ -40,12 +41,8 @@ def _verify(s: _Setup, tokens: Tensor, offset: int, rows: int = 2, steps: int = 
     """:func:`verify_hf` of a prepared run setup (:func:`~probe.hf.run._prepared`)."""
     sub = slice(0, min(rows, tokens.shape[0]))
     ours = _run(s, tokens, offset, sub, None, keep=0)
-    was_training = s.runner.training
-    s.runner.eval()
-    try:
+    with eval_mode(s.runner):
         ref = _forward(s, tokens, offset, sub, 0)
-    finally:
-        s.runner.train(was_training)
     err = (ours - ref).abs().max().item()
     tol = 100 * torch.finfo(ref.dtype).eps * (1.0 + ref.abs().max().item())
     if not err <= tol:
