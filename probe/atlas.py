@@ -17,7 +17,7 @@ move a pattern except through the residual stream, which local drift already sep
 from __future__ import annotations
 
 import copy
-import time
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,11 +260,16 @@ def render_atlas(cells: list[AtlasCell], seconds: float | None = None) -> str:
 
 
 def write_atlas(path: str | Path, seed: int = 0) -> list[AtlasCell]:
-    """Build the whole atlas and write its markdown to ``path``; -> the cells."""
-    start = time.perf_counter()
+    """Build the whole atlas and write its markdown to ``path``; -> the cells.
+
+    The file holds no timing, so that the same seed writes the same bytes; it is written whole
+    or not at all (a temporary file renamed into place)."""
     cells = build_atlas(seed=seed)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(render_atlas(cells, time.perf_counter() - start))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(render_atlas(cells))
+    os.replace(tmp, path)
     return cells
 
 
