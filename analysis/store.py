@@ -49,6 +49,7 @@ from probe.config import PRETRAIN_LR
 from probe.model import Transformer, preset
 from probe.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, evaluate, pretrain, tune
 from tasks import get_task
+from tasks.errors import first_line
 
 # Intra-op threads of every run, part of its key: float reductions split over another number of
 # threads round differently, so the thread count must not follow --jobs or the core count.
@@ -476,9 +477,7 @@ class _Tee(TextIOBase):
 LOG_KEEP = 100_000  # characters of a failed run's output kept in its record (the end)
 
 
-def one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+one_line = first_line  # the name the scheduler and its users import
 
 
 def claim_and_execute(run: Run, store: Store, device: str, attempt: str = "") -> dict | None:

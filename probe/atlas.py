@@ -27,6 +27,7 @@ from torch import nn
 
 from probe import hf
 from probe.classify import CLASSES, DERIVATIONS
+from tasks.errors import message_line
 
 ARCHS = ("gpt2", "llama", "qwen2", "mistral", "neox")
 _LAYERS, _VOCAB, _P = 2, 50, 3
@@ -203,7 +204,7 @@ def atlas_cell(method: str, arch: str, seed: int = 0, batch: int = 4, T: int = 8
     try:
         kwargs = _build(method, arch, base, seed + 1)
     except (ValueError, TypeError) as e:  # PEFT refuses the method on this architecture
-        return AtlasCell(method, arch, note=f"PEFT: {str(e).splitlines()[0]}")
+        return AtlasCell(method, arch, note=f"PEFT: {message_line(e)}")
     result = hf.check_hf(base, tokens, **kwargs)  # verify=True: PEFT's forward and generate
     c = result.classify()
     return AtlasCell(method, arch, c.name, c.max_drift, c.bias_rank, c.identity_ok)

@@ -37,6 +37,7 @@ from types import ModuleType
 
 from tasks import registry
 from tasks.base import Mixture, Task
+from tasks.errors import first_line
 
 GROUP = "prefix_probe.tasks"
 ENV = "PREFIX_PROBE_TASK_MODULES"
@@ -46,11 +47,6 @@ _entry_points_loaded = False
 
 class TaskReferenceError(registry.UnknownTaskError):
     """A task reference or task entry point that cannot be loaded (one line: what, and the fix)."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def is_file_reference(module: str) -> bool:
@@ -79,7 +75,7 @@ def import_source(module: str, what: str) -> ModuleType:
         except Exception as e:
             del sys.modules[name]
             raise TaskReferenceError(
-                f"{what}: importing {module} failed with {_first_line(e)}; fix that file"
+                f"{what}: importing {module} failed with {first_line(e)}; fix that file"
             ) from e
         return mod
     if module in sys.modules:
@@ -94,11 +90,11 @@ def import_source(module: str, what: str) -> ModuleType:
                 f"folder to PYTHONPATH, or pass the file itself: path/to/{module}.py"
             ) from None
         raise TaskReferenceError(
-            f"{what}: importing {module} failed with {_first_line(e)}; fix that module"
+            f"{what}: importing {module} failed with {first_line(e)}; fix that module"
         ) from e
     except Exception as e:
         raise TaskReferenceError(
-            f"{what}: importing {module} failed with {_first_line(e)}; fix that module"
+            f"{what}: importing {module} failed with {first_line(e)}; fix that module"
         ) from e
 
 
@@ -149,7 +145,7 @@ def load_entry_points() -> None:
                 obj = ep.load()
         except Exception as e:
             raise TaskReferenceError(
-                f"{what} failed to load: {_first_line(e)}; fix or uninstall {dist}"
+                f"{what} failed to load: {first_line(e)}; fix or uninstall {dist}"
             ) from e
         objs = obj if isinstance(obj, list | tuple) else [obj]
         for o in objs:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from probe.hf.arch import _architecture, _dtype, _is_peft, _peft_cfg, _shape
+from tasks.errors import message_line
 
 INSTALL_HINT = "pip install 'prefix-probe[hf]'"
 
@@ -150,7 +151,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         _unwrap_lora(model)
         first = next((ln.strip() for ln in str(e).splitlines() if "mismatch" in ln), None)
-        first = first or str(e).strip().splitlines()[0]
+        first = first or message_line(e)
         raise ValueError(
             f"{adapter_dir} does not fit the base model {type(model).__name__} "
             f"(d_model={_shape(model).d_model}): {first.rstrip('.')}; use an adapter trained on "
@@ -189,7 +190,7 @@ def load_hf_model(
     except Exception as e:  # OSError, SafetensorError, ...: one line, naming the directory
         if isinstance(e, (MissingExtraError, KeyboardInterrupt)):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = message_line(e) or type(e).__name__
         raise ValueError(
             f"cannot load the model weights in {model_dir} ({type(e).__name__}: {msg}); the "
             "weights are missing or truncated: save the model again with save_pretrained"
