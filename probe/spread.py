@@ -216,7 +216,9 @@ def energy_rank(singular_values: Float[Tensor, "... k"], share: float = 0.99) ->
     return torch.where(total[..., 0] > 0, short.sum(-1) + 1, 0)
 
 
-def numerical_rank(singular_values: Float[Tensor, "... k"], rows: int, cols: int) -> Int[Tensor, "..."]:
+def numerical_rank(
+    singular_values: Float[Tensor, "... k"], rows: int, cols: int
+) -> Int[Tensor, "..."]:
     """Singular values above max(rows, cols) * eps(float64) * the largest: numpy's
     ``matrix_rank`` rule."""
     s = singular_values.double()
