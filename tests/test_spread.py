@@ -263,12 +263,22 @@ def synthetic(gap: float, participation: float, accuracy: float = 1.0) -> E.Meas
 def test_verdicts_follow_the_bars_fixed_before_the_results():
     assert E.verdict_spread(synthetic(0.1, 1.5)) == "supported"
     assert E.verdict_spread(synthetic(0.6, 1.5)) == "refuted"
-    assert E.verdict_spread(synthetic(0.3, 1.5)).startswith("depends: layer")
+    assert E.verdict_spread(synthetic(0.3, 1.5)).startswith("depends: prefix p0 spreads 0.300")
     assert E.verdict_rank(synthetic(0.1, 1.5)) == "supported"
     assert E.verdict_rank(synthetic(0.1, 9.0)) == "refuted"
-    assert E.verdict_rank(synthetic(0.1, 6.0)).startswith("depends: layer")
+    assert E.verdict_rank(synthetic(0.1, 6.0)).startswith("depends: prefix p0")
     for verdict in (E.verdict_spread, E.verdict_rank):
-        assert "reach only 50.0%" in verdict(synthetic(0.1, 1.5, accuracy=0.5))
+        assert "p0 reaches only 50.0%" in verdict(synthetic(0.1, 1.5, accuracy=0.5))
+
+
+def test_the_worst_prefix_decides_not_the_mean():
+    m = synthetic(0.1, 1.5)
+    m.gap[2, 1] = 0.4  # the mean of layer 1 is 0.2 < 0.25, prefix p2 is not
+    m.participation[1, 0] = 7.0  # the mean ratio of layer 0 is 0.33 <= 0.5, prefix p1's 0.7
+    assert E.verdict_spread(m) == "depends: prefix p2 spreads 0.400 in layer 1 (>= 0.25)"
+    assert E.verdict_rank(m).startswith("depends: prefix p1 has effective rank 7.00")
+    m.accuracy[1] = 0.8  # the mean accuracy 93% clears 90%, p1 does not
+    assert E.verdict_spread(m).startswith("depends: prefix p1 reaches only 80.0%")
 
 
 def test_quick_profile_has_at_least_5_prefixes_and_trains_only_the_extra_seeds():
