@@ -240,19 +240,26 @@ def draw(m: Measured, path: Path) -> None:
         xs = depth[i] + rng.uniform(-0.02, 0.02, n)
         ax.scatter(xs, per_layer[:, i], s=10, color="tab:blue", alpha=0.35, lw=0)
     ax.errorbar(
-        depth, per_layer.mean(0),
+        depth,
+        per_layer.mean(0),
         yerr=[per_layer.mean(0) - per_layer.min(0), per_layer.max(0) - per_layer.mean(0)],
-        fmt="o-", color="tab:blue", capsize=4, label=f"ours, every head: mean over {n} prefixes "
-        "(bars min-max, dots prefixes)",
-    )  # fmt: skip
-    ax.plot(depth + 0.015, diag.mean(0), "s", color="tab:green", ms=6,
-            label="ours, head = layer slice (mean over prefixes)")  # fmt: skip
-    ax.plot(paper_depth, PAPER, "^--", color="tab:red",
-            label="paper, GPT-2 (12 layers, head l of layer l)")  # fmt: skip
-    ax.axhline(per_layer.mean(), color="tab:blue", lw=0.8, ls=":",
-               label=f"ours, mean {per_layer.mean():.3f}")  # fmt: skip
-    ax.axhline(np.mean(PAPER), color="tab:red", lw=0.8, ls=":",
-               label=f"paper, mean {np.mean(PAPER):.3f}")  # fmt: skip
+        fmt="o-",
+        color="tab:blue",
+        capsize=4,
+        label=f"ours, every head: mean of {n} prefixes",
+    )
+    ax.plot(depth + 0.015, diag.mean(0), "s", color="tab:green", ms=6, label="ours, head = layer")
+    ax.plot(paper_depth, PAPER, "^--", color="tab:red", label="paper: GPT-2, head l of layer l")
+    ax.axhline(
+        per_layer.mean(),
+        color="tab:blue",
+        lw=0.8,
+        ls=":",
+        label=f"ours: mean {per_layer.mean():.3f}",
+    )
+    ax.axhline(
+        np.mean(PAPER), color="tab:red", lw=0.8, ls=":", label=f"paper: mean {np.mean(PAPER):.3f}"
+    )
     ax.axhline(SPREAD_BAR, color="black", lw=0.8, ls="--", label=f"bar {SPREAD_BAR}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, max(0.45, 1.6 * per_layer.max()))
@@ -274,7 +281,7 @@ def draw(m: Measured, path: Path) -> None:
                yerr=[mean - flat.min(1), flat.max(1) - mean], capsize=3)  # fmt: skip
     bx.axhline(m.gap.shape[-1], color="black", lw=0.8, ls="--", label="P = 10")
     bx.set_xticks(range(L), [f"layer {i}" for i in range(L)])
-    bx.set_ylabel("rank (mean over prefixes and heads; bars min-max)")
+    bx.set_ylabel("rank (mean of prefixes x heads; bars min-max)")
     bx.set_title(f"Span of the values vs biases produced ({m.n_inputs} inputs)")
     bx.set_ylim(0, 1.45 * m.gap.shape[-1])
     bx.legend(fontsize=7, loc="upper right", ncol=2)
