@@ -131,11 +131,18 @@ class Measured:
 
 def measure(store: Store, p: Profile) -> Measured:
     """Every prefix's spread and bias ranks, read from the store and recomputed in float64."""
+    return measure_prefixes(store, prefixes(p), n_inputs(p))
+
+
+def measure_prefixes(store: Store, labelled: list[tuple[str, Run]], n: int) -> Measured:
+    """:func:`measure` for any finished (label, key/value-prefix run) pairs, on ``n`` held-out
+    inputs of each run's task."""
+    if not labelled:
+        raise ValueError("no prefix runs given; pass (label, run) pairs of finished prefix runs")
     out = {k: [] for k in ("acc", "gap", "out", "span", "rank", "energy", "pr", "fixed")}
-    labelled = prefixes(p)
     for _, run in labelled:
         task = get_task(run.task)
-        tokens = test_set(task, n_inputs(p)).tokens[:, :-1]
+        tokens = test_set(task, n).tokens[:, :-1]
         last = task.input_len - 1  # sees the input only; predicts the first output token
         recs = records(store, run, tokens)
         out["acc"].append(accuracy(store, run))
@@ -162,7 +169,7 @@ def measure(store: Store, p: Profile) -> Measured:
         energy_rank=stack("energy"),
         participation=stack("pr"),
         fixed_share=stack("fixed"),
-        n_inputs=n_inputs(p),
+        n_inputs=n,
         d_head=recs[0].d_head,
     )
 
