@@ -92,6 +92,10 @@ def test_the_site_builds_strictly_with_every_guide(site):
         ("hf", ["probe.hf.check_hf", "probe.hf.hf_records", "probe.hf.verify_hf"]),
         ("runs", ["analysis.runs.Run", "analysis.runs.Store", "analysis.runs.run_sweep"]),
         ("tasks", ["tasks.base.Task", "tasks.library.register"]),
+        (
+            "spread",
+            ["probe.spread.prefix_attention_spread", "probe.spread.bias_effective_rank"],
+        ),
     ],
 )
 def test_the_api_reference_documents_the_public_names(site, page, objects):

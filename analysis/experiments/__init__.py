@@ -8,6 +8,7 @@ from analysis.experiments import (
     paper02,
     paper03,
     paper04,
+    prefix_spread,
     study,
     sweeps,
     theorem,
@@ -24,6 +25,7 @@ EXPERIMENTS = {
         theorem.EXPERIMENT,
         constructions.EXPERIMENT,
         capacity.EXPERIMENT,
+        prefix_spread.EXPERIMENT,
         sweeps.EXPERIMENT,
         ledger.EXPERIMENT,
     )
