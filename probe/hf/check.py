@@ -16,7 +16,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from probe.hf.accumulate import _LayerAcc, _LayerResult
-from probe.hf.arch import _architecture, _is_peft, _peft_type, _shape
+from probe.hf.arch import _architecture, _shape
 from probe.hf.gated import gated_biases, is_adaption_prompt
 from probe.hf.loading import load_dirs
 from probe.hf.recording import _record_mode, _recording, _Stop
@@ -29,7 +29,8 @@ from probe.hf.resources import (
 )
 from probe.hf.run import _check_tokens, _forward, _prepared, _run, _Setup, _setup
 from probe.hf.verify import _verify
-from probe.probes import AttentionRecord, TheoremCheck, identities_expected, random_prefix
+from probe.probes import AttentionRecord, TheoremCheck, identities_expected
+from probe.tuning import random_stand_in
 
 # `probe check-theorem --base HF_DIR`'s default number of inputs (our own models: 256). The
 # check's cost is two forwards per input, and 128 inputs already overdetermine what it
@@ -151,7 +152,7 @@ def _check_hf(
         with _threads(1):
             result.gated = gated_biases(s, t[rows], offset, tol_factor)
     return HFCheck(
-        result, s.what, stream.kept, list(s.frozen), _positions(s, offset, first.shape[1])
+        result, s.description, stream.kept, list(s.frozen), _positions(s, offset, first.shape[1])
     )
 
 
@@ -308,34 +309,20 @@ def check_theorem_dirs(
 
     tokens: [batch, T] ids, or a list of [1, T_i] (texts). Without an adapter, a random
     key/value prefix of ``prefix_len`` positions per layer, in the range of the model's own
-    (rotated) keys and values on the first inputs (:func:`probe.probes.random_prefix`), seeded.
+    (rotated) keys and values on the first 16 inputs (:func:`probe.tuning.random_stand_in`),
+    seeded.
     """
     base, kwargs = load_dirs(model_dir, adapter_dir, dtype, device)
-    what = None
+    stand_in = None  # the random prefix's phrase, when there is one
     if adapter_dir is None:
         first = tokens if isinstance(tokens, Tensor) else tokens[0]
-        stats: dict[str, Tensor] = {}  # the base's own keys and values [b, T, G, e], no records
-        last = _shape(base).n_layers - 1
-
-        def on_layer(layer, r):
-            for n in "kv":
-                stats[f"blocks.{layer}.attn.hook_{n}"] = r[n].transpose(1, 2)
-            if layer == last:
-                raise _Stop  # nothing after the last attention is needed
-
-        plain = _setup(base, None, None, min(16, first.shape[0]))
         # One thread for the statistics too: on a loaded machine, more threads slow these small
         # mean/std reductions down (the values are the same: each is over one dimension).
         with _threads(1):
-            with _recording(base, on_layer), contextlib.suppress(_Stop):
-                _forward(plain, first[:16], 0, slice(None), 1)
-            g = torch.Generator().manual_seed(seed)
-            kwargs["prefix"] = random_prefix(stats, _shape(base).n_layers, prefix_len, g)
-        del stats  # free the keys and values before the check
-        what = f"a random key/value prefix, P={prefix_len}"
-    elif "tuned_model" in kwargs:
-        tuned = kwargs["tuned_model"]
-        what = f"a PEFT {_peft_type(tuned)} adapter" if _is_peft(tuned) else "a fine-tuned model"
+            kv = _own_keys_values(base, first[:16])
+            n_layers = _shape(base).n_layers
+            kwargs["prefix"], stand_in = random_stand_in(kv, n_layers, prefix_len, seed)
+        del kv  # free the keys and values before the check
     run = _check_hf(
         base,
         tokens,
@@ -346,4 +333,23 @@ def check_theorem_dirs(
         tol_factor,
         verify,
     )
-    return run._replace(what=what or run.what)
+    return run if stand_in is None else run._replace(what=stand_in)
+
+
+def _own_keys_values(base: nn.Module, tokens: Tensor) -> dict[str, Tensor]:
+    """The base's own keys and values [b, T, G, e] per layer on ``tokens`` [b, T], named as
+    :func:`probe.tuning.random_stand_in` takes them; no records are made, and the forward stops
+    after the last layer's attention."""
+    kv: dict[str, Tensor] = {}
+    last = _shape(base).n_layers - 1
+
+    def on_layer(layer, r):
+        for n in "kv":
+            kv[f"blocks.{layer}.attn.hook_{n}"] = r[n].transpose(1, 2)
+        if layer == last:
+            raise _Stop  # nothing after the last attention is needed
+
+    plain = _setup(base, None, None, tokens.shape[0])
+    with _recording(base, on_layer), contextlib.suppress(_Stop):
+        _forward(plain, tokens, 0, slice(None), 1)
+    return kv

@@ -42,6 +42,7 @@ from probe.hf.loading import (
 from probe.hf.prefix import _fresh_cache, hf_prefix
 from probe.hf.recording import _recording, _Stop
 from probe.probes import AttentionRecord
+from probe.tuning import tuning_phrase
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Setup:
         passed as the cache), "none".
     kv: the raw prefix for kind "kv", [batch or 1, P, G, e] per layer.
     base_off: a context in which ``base_runner`` runs the base model (adapters disabled).
+    description: the phrase naming the tuning (:func:`probe.tuning.tuning_phrase`).
     """
 
     base: nn.Module
@@ -65,7 +67,7 @@ class _Setup:
     base_off: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     frozen: list[bool] = field(default_factory=list)
     own_head: list[bool] = field(default_factory=list)  # per layer: see _own_head
-    what: str = ""
+    description: str = ""
 
     @property
     def tuned(self) -> nn.Module:
@@ -198,7 +200,7 @@ def _peft_prefix_setup(base_model: nn.Module, prefix: Any, tuned_model) -> _Setu
         prefix,
         "peft_prefix" if kind in PREFIX_PEFT_TYPES else "peft_prompt",
         P=P,
-        what=f"a PEFT {kind} adapter, P={P}",
+        description=tuning_phrase(adapter=f"PEFT {kind}", adapter_len=P),
     )
 
 
@@ -208,15 +210,14 @@ def _raw_setup(base_model: nn.Module, prefix: Any, tuned_model, batch: int) -> _
     runner = tuned_model if tuned_model is not None else base_model
     _check_pair(base_model, _hf_model(runner))
     kv = hf_prefix(_hf_model(runner), prefix, batch) if prefix is not None else None
-    s = _Setup(base_model, runner, "kv" if kv else "none", P=kv[0].length if kv else 0, kv=kv)
-    if kv:
-        s.what = f"a key/value prefix, P={s.P}"
-    if _is_peft(runner):
-        s.what = " and ".join(filter(None, [s.what, f"a PEFT {_peft_type(runner)} adapter"]))
-    elif runner is not base_model:
-        s.what = " and ".join(filter(None, [s.what, "a fine-tuned model"]))
-    s.what = s.what or "the base model alone"
-    return s
+    P = kv[0].length if kv else 0
+    peft = _is_peft(runner)
+    description = tuning_phrase(
+        prefix_len=P if kv else None,
+        adapter=f"PEFT {_peft_type(runner)}" if peft else None,
+        fine_tuned=not peft and runner is not base_model,
+    )
+    return _Setup(base_model, runner, "kv" if kv else "none", P=P, kv=kv, description=description)
 
 
 def _own_head(base: nn.Module, tuned: nn.Module) -> list[bool]:
