@@ -185,8 +185,8 @@ class _Sweep:
         for key, run in list(self.todo.items()):
             if free <= 0:
                 break
-            base = self.base_key[key]
-            if key in in_flight or (base is not None and not self.store.has(base)):
+            base_key = self.base_key[key]
+            if key in in_flight or (base_key is not None and not self.store.has(base_key)):
                 continue
             if self.store.claimed_elsewhere(key):
                 continue

@@ -280,14 +280,14 @@ def cmd_evaluate(args) -> int:
     tuned = Tuned(base)
     for name, path in zip(row_names(args.adapter), args.adapter, strict=True):
         tuned.add(name, load_adapter(path, base))
-    tasks = [get_task(name) for name in args.task]
-    for task in tasks:
+    chosen_tasks = [get_task(name) for name in args.task]
+    for task in chosen_tasks:
         check_fits(base, task)
     width = max([8, *(len(n) for n in tuned.adapters)])
-    print(f"{'adapter':{width}s}  " + "  ".join(f"{t.name:>13s}" for t in tasks))
+    print(f"{'adapter':{width}s}  " + "  ".join(f"{t.name:>13s}" for t in chosen_tasks))
     for name in [None, *tuned.adapters]:
         tuned.use(name).eval()
-        accs = [evaluate(tuned, t, args.n, device=args.device) for t in tasks]
+        accs = [evaluate(tuned, t, args.n, device=args.device) for t in chosen_tasks]
         print(f"{name or '(base)':{width}s}  " + "  ".join(f"{a:13.2%}" for a in accs))
     return 0
 

@@ -131,11 +131,11 @@ def _check_hf(
         if verify:
             _verify(s, first, offset)
         stack.enter_context(_record_mode([s.runner, s.base_runner]))
-        probes = stack.enter_context(ThreadPoolExecutor(1, initializer=_worker_thread))
-        runs = ThreadPoolExecutor(1, initializer=_worker_thread) if base_aside else None
-        if runs is not None:
-            stack.enter_context(runs)
-        stream = _Stream(s, offset, downstream, tol_factor, probes, runs)
+        probe_pool = stack.enter_context(ThreadPoolExecutor(1, initializer=_worker_thread))
+        base_pool = ThreadPoolExecutor(1, initializer=_worker_thread) if base_aside else None
+        if base_pool is not None:
+            stack.enter_context(base_pool)
+        stream = _Stream(s, offset, downstream, tol_factor, probe_pool, base_pool)
         merged = stream.run(batches)
     n_layers = len(merged)
     result = TheoremCheck(
@@ -184,8 +184,8 @@ def _chunks(
 
 class _Stream:
     """One check's chunks streamed through the threads of :func:`_check_hf`: the tuned runs on
-    the caller's thread, the base runs on ``runs`` (None: the caller's thread, first), the probes
-    on ``probes``; each layer's results accumulate in a :class:`_LayerAcc` per layer."""
+    the caller's thread, the base runs on ``base_pool`` (None: the caller's thread, first), the
+    probes on ``probe_pool``; each layer's results accumulate in a :class:`_LayerAcc` per layer."""
 
     def __init__(
         self,
@@ -193,11 +193,11 @@ class _Stream:
         offset: int,
         downstream: bool,
         tol_factor: float,
-        probes: ThreadPoolExecutor,
-        runs: ThreadPoolExecutor | None,
+        probe_pool: ThreadPoolExecutor,
+        base_pool: ThreadPoolExecutor | None,
     ):
         self.s, self.offset, self.downstream, self.tol_factor = s, offset, downstream, tol_factor
-        self.probes, self.runs = probes, runs
+        self.probe_pool, self.base_pool = probe_pool, base_pool
         n_layers = _shape(s.base).n_layers
         self.accs = [_LayerAcc() for _ in range(n_layers)]
         self.finals: list[Future | None] = [None] * n_layers  # each layer's merged result, to come
@@ -227,8 +227,8 @@ class _Stream:
         """Chunk ``i``'s base records, to come (None: no downstream drift, or no such chunk)."""
         if not self.downstream or i >= len(batches):
             return None
-        if self.runs is not None:
-            return self.runs.submit(self._base_records, *batches[i])
+        if self.base_pool is not None:
+            return self.base_pool.submit(self._base_records, *batches[i])
         done = Future()
         done.set_result(self._base_records(*batches[i]))
         return done
@@ -236,7 +236,7 @@ class _Stream:
     def _on_record(self, rec: AttentionRecord, base_records: Future | None, last: bool) -> None:
         if len(self.kept) == rec.layer:  # the first chunk's first input, for the CLI's header
             self.kept.append(_first_row(rec))
-        job = self.probes.submit(self._probe, rec, base_records, last)
+        job = self.probe_pool.submit(self._probe, rec, base_records, last)
         if last:
             self.finals[rec.layer] = job
         self.queued.append(job)

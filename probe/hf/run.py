@@ -297,18 +297,18 @@ def _forward(s: _Setup, tokens: Tensor, offset: int, rows: slice, keep: int, bas
 
 
 def _make_record(
-    s: _Setup, layer: int, r: dict, T: int, frozen: bool = True, recompute: int | None = None
+    s: _Setup, layer: int, r: dict, T: int, tuned_run: bool = True, recompute: int | None = None
 ) -> AttentionRecord:
     """The recorded tensors of one layer -> an AttentionRecord of the T content queries.
 
     r: the recording attention's tensors (:func:`~probe.hf.recording._recording_attention`).
-    frozen: False for the base run, whose pattern alone is kept (:func:`_pattern_record`).
+    tuned_run: False for the base run, whose pattern alone is kept (:func:`_pattern_record`).
     recompute: on a layer whose head input side *is* the base's own modules (:func:`_own_head`:
     the same norm and q/k/v modules, no adapter wrapped around them, so recomputing the frozen
     head is the very call the run just made, on the very same input), the frozen head is
     recomputed from the base weights on the first ``recompute`` inputs only and the recorded
     q/k/v stand for it on the others (exact: same weights, same input). None: every input."""
-    if not frozen:
+    if not tuned_run:
         return _pattern_record(layer, r, T)
     arch = _architecture(s.base)
     shape = _shape(s.base)
@@ -409,7 +409,7 @@ def _run(
 
     def on_layer(layer, r):
         if on_record is not None:
-            on_record(_make_record(s, layer, r, T, frozen=not base, recompute=recompute))
+            on_record(_make_record(s, layer, r, T, tuned_run=not base, recompute=recompute))
         if stop and layer == last:
             raise _Stop
 
