@@ -31,12 +31,12 @@ from matplotlib.ticker import EngFormatter
 
 from analysis.experiments import paper03, paper04, study
 from analysis.plots import plt
-from analysis.report import PROFILES, Profile, markdown_table
-from analysis.runs import Run, RunsFailed, Store, run_all, variant
+from analysis.report import CURVE_SEQUENCES, PROFILES, Profile, markdown_table
+from analysis.runs import LEGACY_WEIGHT_DECAY, Run, RunsFailed, Store, run_all, variant
+from probe.config import PRETRAIN_LR
 
 QUICK = PROFILES["quick"]
 PAPER_TARGETS = ("W_O", "W_in", "W_out")  # the paper's LoRATrainer: c_proj and c_fc
-OLD_WD = 0.1  # every run's weight decay before adapters dropped it; those trials keep their keys
 
 
 def lora_label(run: Run) -> str:
@@ -79,7 +79,7 @@ def _base_trials(base: Run, old_base: Run) -> list[Trial]:
     group = "mix4 base (03 shape)"
     out = [Trial(group, base_label(base), base, chosen=True)]
     out.append(Trial(group, base_label(old_base), old_base))
-    for lr, dropout in ((3e-3, 0.1), (2.5 * base.effective_lr, 0.0)):
+    for lr, dropout in ((PRETRAIN_LR, 0.1), (2.5 * base.effective_lr, 0.0)):
         run = variant(old_base, lr=lr, model={**dict(base.model), "dropout": dropout})
         out.append(Trial(group, base_label(run), run))
     # The paper's settings (lr 5e-4, batch 64, dropout 0.1) under our warm-up and cosine decay.
@@ -100,19 +100,19 @@ def _composition_trials(p: Profile, bases: list[Run], old_base: Run) -> list[Tri
         return variant(run, steps=run.steps // 2, **changes)
 
     for lr in (1e-2, 1e-1, 3e-1):
-        run = composition(old_base, lr=lr, weight_decay=OLD_WD)
+        run = composition(old_base, lr=lr, weight_decay=LEGACY_WEIGHT_DECAY)
         out.append(Trial(group, f"batch-128 base: K/V prefix, lr {lr:g}, {wd_label(run)}", run))
     run = composition(old_base)
     out.append(Trial(group, f"batch-128 base: K/V prefix, lr 0.1, {wd_label(run)}", run))
     if len(bases) > 2:  # seed 2, the slowest composition of the first quick run
         seed2 = variant(bases[2], batch_size=128)
-        for wd in (OLD_WD, None):
+        for wd in (LEGACY_WEIGHT_DECAY, None):
             run = composition(seed2, weight_decay=wd)
             label = f"seed 2, batch-128 base: K/V prefix, lr 0.1, {wd_label(run)}"
             out.append(Trial(group, label, run))
     run = composition(base)
     out.append(Trial(group, f"K/V prefix, lr 0.1, {wd_label(run)}", run, chosen=True))
-    run = composition(old_base, method="vt-prefix", weight_decay=OLD_WD)
+    run = composition(old_base, method="vt-prefix", weight_decay=LEGACY_WEIGHT_DECAY)
     out.append(Trial(group, f"batch-128 base: virtual-token prefix, lr 0.1, {wd_label(run)}", run))
     run = composition(base, method="vt-prefix")
     out.append(Trial(group, f"virtual-token prefix, lr 0.1, {wd_label(run)}", run))
@@ -125,21 +125,24 @@ def _lora_trials(p: Profile, bases: list[Run], old_base: Run) -> list[Trial]:
     lora = paper04.tuned(p, base, "lora")
     old_lora = paper04.tuned(p, old_base, "lora")
     for rank, lr, steps, wd in (
-        (1, 3e-2, lora.steps // 2, OLD_WD),
-        (4, 1e-2, lora.steps, OLD_WD),
+        (1, 3e-2, lora.steps // 2, LEGACY_WEIGHT_DECAY),
+        (4, 1e-2, lora.steps, LEGACY_WEIGHT_DECAY),
         (4, 1e-2, lora.steps, None),
-        (4, 3e-2, lora.steps, OLD_WD),
+        (4, 3e-2, lora.steps, LEGACY_WEIGHT_DECAY),
     ):
         options = {"rank": rank, "targets": paper04.LORA_TARGETS}
         run = variant(old_lora, lr=lr, steps=steps, options=options, weight_decay=wd)
         out.append(Trial(group, f"batch-128 base: {lora_label(run)}", run))
     every = {"rank": 1, "targets": ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")}
-    run = variant(old_lora, lr=3e-2, steps=lora.steps // 2, options=every, weight_decay=OLD_WD)
+    run = variant(
+        old_lora, lr=3e-2, steps=lora.steps // 2, options=every, weight_decay=LEGACY_WEIGHT_DECAY
+    )
     out.append(Trial(group, f"batch-128 base: {lora_label(run)} on all six matrices", run))
     out.append(Trial(group, lora_label(lora), lora, chosen=True))
     if len(bases) > 1:  # seed 1, the slowest LoRA of the first quick run, on both bases
         run = variant(
-            paper04.tuned(p, variant(bases[1], batch_size=128), "lora"), weight_decay=OLD_WD
+            paper04.tuned(p, variant(bases[1], batch_size=128), "lora"),
+            weight_decay=LEGACY_WEIGHT_DECAY,
         )
         out.append(Trial(group, f"seed 1, batch-128 base: {lora_label(run)}", run))
         run = paper04.tuned(p, bases[1], "lora")
@@ -162,9 +165,9 @@ def _reverse_trials(p: Profile) -> list[Trial]:
             ]
         for label, options, lr in grid:
             changes = {"options": options} if options else {}
-            run = variant(reverse, lr=lr, warmup=50, weight_decay=OLD_WD, **changes)
+            run = variant(reverse, lr=lr, warmup=50, weight_decay=LEGACY_WEIGHT_DECAY, **changes)
             out.append(Trial(group, f"seed {seed}: {label}, warm-up 50, {wd_label(run)}", run))
-        old = variant(reverse, weight_decay=OLD_WD)
+        old = variant(reverse, weight_decay=LEGACY_WEIGHT_DECAY)
         label = f"seed {seed}: rank 4 on W_Q/K/V/O, lr 3e-2, warm-up 100"
         out.append(Trial(group, f"{label}, {wd_label(old)}", old))
         out.append(Trial(group, f"{label}, {wd_label(reverse)}", reverse, chosen=True))
@@ -205,7 +208,7 @@ def report(store: Store, figures_dir: Path, p: Profile = QUICK) -> Path:
             "recipe",
             "steps",
             "batch",
-            "final (512 held-out)",
+            f"final ({CURVE_SEQUENCES} held-out)",
             "step to 50%",
             "step to 90%",
             "sequences to 90%",
@@ -226,10 +229,11 @@ def report(store: Store, figures_dir: Path, p: Profile = QUICK) -> Path:
             "optimiser steps, sequences seen and training seconds.",
             "",
             "Seed 0 unless a label names another; one thread per run. Accuracy is held-out "
-            "exact match on 512 test sequences at each curve point (the mix4 base: with the "
-            "first output token given). The trials were trained in two sessions on a shared "
-            "2-core machine (load 2-6), so the seconds, training time without the "
-            "evaluations, are inflated and noisy and compare only trials trained side by side; "
+            f"exact match on {CURVE_SEQUENCES} test sequences at each curve point (the mix4 "
+            "base: with the first output token given). The trials were trained in two "
+            "sessions on a shared 2-core machine (load 2-6), so the seconds, training time "
+            "without the evaluations, are inflated and noisy and compare only trials trained "
+            "side by side; "
             "steps and sequences compare across all. The chosen LoRA and study rows are the "
             "experiments' own runs; the other chosen rows are at half the experiment's budget.",
             "",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.runs import Run, Store
+from analysis.store import CURVE_SEQUENCES
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,6 @@ def curve_note(store: Store, runs: list[Run], target: float | None = None) -> st
             at = finals[0]["step"] + (target - mean_final) / slope
             note += f"; a straight line through it reaches {100 * target:.0f}% near step {at:,.0f}"
     return note
-
-
-CURVE_SEQUENCES = 512  # the test sequences a run scores while training (Run.train_config)
 
 
 def curve_caption(subject: str, lines: str = "one line per seed", note: str = "") -> str:

@@ -23,13 +23,13 @@ def load_experiments(module: str) -> list[str]:
     """Import a module (on the Python path) or a .py file of experiments, register its
     ``EXPERIMENT`` / ``EXPERIMENTS`` and return their names. Worker processes import it too (via
     ``$PREFIX_PROBE_TASK_MODULES``), so that the tasks it registers resolve there."""
-    what = f"--experiments-module {module!r}"
-    mod = import_source(module, what)
+    option = f"--experiments-module {module!r}"
+    mod = import_source(module, option)
     found = getattr(mod, "EXPERIMENTS", None) or [getattr(mod, "EXPERIMENT", None)]
     found = list(found.values()) if isinstance(found, dict) else list(found)
     if not found or not all(isinstance(e, Experiment) for e in found):
         raise ValueError(
-            f"{what}: define EXPERIMENT = analysis.report.Experiment(...) or EXPERIMENTS = [...] "
+            f"{option}: define EXPERIMENT = analysis.report.Experiment(...) or EXPERIMENTS = [...] "
             "in it (see examples/my_experiment.py)"
         )
     add_env_module(module)

@@ -112,6 +112,138 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"{finished} of {total} runs finished (kept in {root})")
 
 
+class _Sweep:
+    """One :func:`run_sweep`'s bookkeeping: the pending runs, the futures in flight, the attempts
+    per run, the progress bar. ``store`` is read here; ``shared`` (the same directory, resolved)
+    is what the workers are sent."""
+
+    def __init__(self, runs, store: Store, shared: Store, executor, device, poll, retries):
+        self.store, self.shared, self.executor = store, shared, executor
+        self.device, self.poll, self.retries = device, poll, retries
+        # Pending runs by key, in submission order. A key hashes the whole spec (its base's too),
+        # so each is computed once here rather than on every poll (hashing a spec is not free).
+        self.todo: dict[str, Run] = {}
+        self.base_key: dict[str, str | None] = {}
+        self.every: set[str] = set()  # the sweep's keys, finished or not
+        for run in runs:
+            self._add(run)
+        self.outcome = Outcome()
+        self.attempts: dict[str, int] = {}
+        self.done = 0  # runs finished while this sweep ran, here or by another process
+        self.running: dict = {}  # future -> (key, attempt token)
+        self.bar = tqdm(total=len(self.todo), desc="runs", disable=not self.todo)
+
+    def _add(self, run: Run) -> None:
+        """Queue ``run`` after its base (recursively), unless it is in the store already."""
+        if run.base is not None:
+            self._add(run.base)
+        key = run.key
+        self.every.add(key)
+        if key not in self.todo and not self.store.has(key):
+            self.todo[key] = run
+            self.base_key[key] = run.base.key if run.base is not None else None
+
+    def _in_flight(self) -> set[str]:
+        return {key for key, _ in self.running.values()}
+
+    def _show(self, starting: int = 0) -> None:
+        """Update the bar's counts; ``starting``: a run being submitted (trained in-process)."""
+        n_running = len(self.running) + starting
+        self.bar.set_postfix_str(
+            f"{self.done} done, {n_running} running, {len(self.outcome.failed)} failed, "
+            f"{len(self.todo) - n_running} remaining"
+        )
+
+    def drive(self) -> None:
+        """Schedule and collect until no run is pending."""
+        while self.todo:
+            in_flight = self._in_flight()
+            self._drop_finished_elsewhere(in_flight)
+            self._submit_ready(in_flight)
+            self._show()
+            if not self.running:
+                if self.todo:
+                    time.sleep(self.poll)  # waiting for runs (or bases) other processes hold
+                continue
+            finished, _ = wait(self.running, timeout=self.poll, return_when=FIRST_COMPLETED)
+            for future in finished:
+                self._collect(future)
+        self._show()
+
+    def _drop_finished_elsewhere(self, in_flight: set[str]) -> None:
+        """Runs not in flight here that another process committed to the store."""
+        finished = [key for key in self.todo if key not in in_flight and self.store.has(key)]
+        for key in finished:
+            del self.todo[key]
+        self.done += len(finished)
+        self.bar.update(len(finished))
+
+    def _submit_ready(self, in_flight: set[str]) -> None:
+        """Submit the first pending runs, in order, whose base is finished and whose claim no
+        other live process holds, while the executor has free slots."""
+        free = self.executor.slots - len(self.running)
+        for key, run in list(self.todo.items()):
+            if free <= 0:
+                break
+            base_key = self.base_key[key]
+            if key in in_flight or (base_key is not None and not self.store.has(base_key)):
+                continue
+            if self.store.claimed_elsewhere(key):
+                continue
+            attempt = secrets.token_hex(8)
+            self._show(starting=1)
+            future = self.executor.submit(run, self.shared, self.device, attempt)
+            self.running[future] = (key, attempt)
+            free -= 1
+
+    def _collect(self, future) -> None:
+        """A finished future: the run is done, failed (retry or give up), or another process
+        claimed it first (``None``: it stays pending and is waited for)."""
+        key, attempt = self.running.pop(future)
+        run = self.todo[key]
+        try:
+            result = future.result()
+        except Exception as e:  # the run raised, or its worker died
+            self._failed(key, run, attempt, e)
+            return
+        if result is not None:
+            self.outcome.trained += bool(result)
+            del self.todo[key]
+            self.done += 1
+            self.bar.update()
+
+    def _failed(self, key: str, run: Run, attempt: str, error: Exception) -> None:
+        """Count the attempt; record the failure if the worker died before it could; give up
+        once the attempts exceed ``retries``."""
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        record = self.store.read_failure(key)
+        if record is None or record.get("attempt") != attempt:
+            # No record from this attempt: the worker died before writing one.
+            message = f"{self.executor.name} worker failed: {one_line(error)}"
+            self.store.record_failure(run, message, f"executor error:\n{error}\n", attempt)
+        else:
+            message = record["error"]
+        if self.attempts[key] > self.retries:
+            self._give_up(key, message, self.store.failure_path(key))
+
+    def _give_up(self, key: str, error: str, record: Path | None) -> None:
+        """Report ``key`` as failed, and with it every pending run that needs it as a base."""
+        run = self.todo.pop(key)
+        self.outcome.failed.append(Failure(run, error, record, self.attempts.get(key, 0)))
+        in_flight = self._in_flight()
+        for other in list(self.todo):
+            if self.base_key[other] == key and other not in in_flight:
+                self._give_up(other, f"its base {run.label} [{key}] failed", None)
+
+    def finished_in_store(self) -> int:
+        """How many of the sweep's runs (bases included) the store holds."""
+        return sum(self.store.has(key) for key in self.every)
+
+    def cancel_pending(self) -> None:
+        for future in self.running:
+            future.cancel()
+
+
 def run_sweep(
     runs: list[Run],
     store: Store,
@@ -141,104 +273,20 @@ def run_sweep(
     root.mkdir(parents=True, exist_ok=True)
     store.clean()
     shared = Store(root, stale_after=store.stale_after)  # what is sent to the workers
-    # Pending runs by key, in submission order. A key hashes the whole spec (its base's too),
-    # so each is computed once here: recomputing them on every poll kept the scheduler busy.
-    todo: dict[str, Run] = {}
-    base_key: dict[str, str | None] = {}
-    every: set[str] = set()  # the sweep's keys, finished or not
-
-    def add(run: Run):
-        if run.base is not None:
-            add(run.base)
-        key = run.key
-        every.add(key)
-        if key not in todo and not store.has(key):
-            todo[key] = run
-            base_key[key] = run.base.key if run.base is not None else None
-
-    for run in runs:
-        add(run)
-    outcome, attempts, done_count = Outcome(), {}, 0
-    bar = tqdm(total=len(todo), desc="runs", disable=not todo)
-    running: dict = {}  # future -> (key, attempt token)
-
-    def show(starting: int = 0):  # starting: a run being submitted (trained, in-process)
-        n_running = len(running) + starting
-        bar.set_postfix_str(
-            f"{done_count} done, {n_running} running, {len(outcome.failed)} failed, "
-            f"{len(todo) - n_running} remaining"
-        )
-
-    def give_up(key: str, error: str, record: Path | None):
-        run = todo.pop(key)
-        outcome.failed.append(Failure(run, error, record, attempts.get(key, 0)))
-        in_flight = {k for k, _ in running.values()}
-        for other in list(todo):  # runs that need it as a base cannot start
-            if base_key[other] == key and other not in in_flight:
-                give_up(other, f"its base {run.label} [{key}] failed", None)
-
+    sweep = _Sweep(runs, store, shared, executor, device, poll, retries)
     try:
-        while todo:
-            in_flight = {k for k, _ in running.values()}
-            finished = [k for k in todo if k not in in_flight and store.has(k)]
-            for key in finished:  # by another process
-                del todo[key]
-            done_count += len(finished)
-            bar.update(len(finished))
-            free = executor.slots - len(running)
-            for key, run in list(todo.items()):  # submit the first ready runs, in order
-                if free <= 0:
-                    break
-                base = base_key[key]
-                if key in in_flight or (base is not None and not store.has(base)):
-                    continue
-                if store.claimed_elsewhere(key):
-                    continue
-                attempt = secrets.token_hex(8)
-                show(starting=1)
-                running[executor.submit(run, shared, device, attempt)] = (key, attempt)
-                free -= 1
-            show()
-            if not running:
-                if todo:
-                    time.sleep(poll)  # waiting for runs (or bases) that other processes hold
-                continue
-            finished_futures, _ = wait(running, timeout=poll, return_when=FIRST_COMPLETED)
-            for future in finished_futures:
-                key, attempt = running.pop(future)
-                run = todo[key]
-                try:
-                    result = future.result()
-                except Exception as e:  # the run raised, or its worker died
-                    attempts[key] = attempts.get(key, 0) + 1
-                    record = store.read_failure(key)
-                    if record is None or record.get("attempt") != attempt:
-                        # No record from this attempt: the worker died before writing one.
-                        error = f"{executor.name} worker failed: {one_line(e)}"
-                        store.record_failure(run, error, f"executor error:\n{e}\n", attempt)
-                    else:
-                        error = record["error"]
-                    if attempts[key] > retries:
-                        give_up(key, error, store.failure_path(key))
-                    continue
-                if result is not None:  # None: another process claimed it first; wait
-                    outcome.trained += bool(result)
-                    del todo[key]
-                    done_count += 1
-                    bar.update()
-        show()
+        sweep.drive()
     except KeyboardInterrupt:
-        bar.close()
+        sweep.bar.close()
         executor.stop()
         store.clean()  # the stopped workers are gone: their temporaries and claims go too
-        raise Interrupted(sum(store.has(k) for k in every), len(every), root) from None
+        raise Interrupted(sweep.finished_in_store(), len(sweep.every), root) from None
     finally:
-        for future in running:
-            future.cancel()
+        sweep.cancel_pending()
         if own:
             executor.close()
-        bar.close()
-    return outcome
+        sweep.bar.close()
+    return sweep.outcome
 
 
 def run_all(

@@ -45,7 +45,7 @@ import torch
 
 from probe import io
 from probe.adapters import AdapterConfig, adapter_config, load_adapter
-from probe.config import PRETRAIN_LR
+from probe.config import PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY
 from probe.model import Transformer, preset
 from probe.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, evaluate, pretrain, tune
 from tasks import get_task
@@ -54,7 +54,13 @@ from tasks.errors import first_line
 # Intra-op threads of every run, part of its key: float reductions split over another number of
 # threads round differently, so the thread count must not follow --jobs or the core count.
 RUN_THREADS = 1
-LEGACY_WEIGHT_DECAY = 0.1  # TrainConfig's default; pretraining and full fine-tuning use it
+# The weight decay every run trained with before it became a Run field. A spec whose weight decay
+# is this one leaves it out of its key, so that those runs' keys, and the stores holding them,
+# stay valid: it is fixed, whatever the training defaults become.
+LEGACY_WEIGHT_DECAY = 0.1
+# The held-out sequences a run scores at each point of its learning curve (progress, early stop);
+# its result's accuracy uses every test sequence.
+CURVE_SEQUENCES = 512
 HEARTBEAT_S = 20.0  # how often a worker refreshes the claims it holds
 STALE_AFTER_S = 300.0  # a claim not refreshed for this long belongs to a dead process or host
 
@@ -88,7 +94,9 @@ class Run:
     # The learning curve scores outputs after the first k: 1 for a mix4 base, whose exact match
     # without a task token is capped near 25-30% and so says little about the skills it holds.
     eval_given: int = 0
-    weight_decay: float | None = None  # None -> DEFAULT_WEIGHT_DECAY[method] (0.1 to pretrain)
+    weight_decay: float | None = (
+        None  # None -> DEFAULT_WEIGHT_DECAY[method] or PRETRAIN_WEIGHT_DECAY
+    )
 
     def __post_init__(self):
         if (self.method is None) != (self.base is None):
@@ -115,8 +123,7 @@ class Run:
         d["base"] = self.base.key if self.base else None
         d["lr"] = self.effective_lr
         d["threads"] = RUN_THREADS
-        # Every run used 0.1 before weight decay became a field; leaving that value out keeps
-        # the keys of those runs, so stores written then still hit.
+        # Left out at the legacy value, so that the keys of runs from before the field still hold.
         d["weight_decay"] = self.effective_weight_decay
         if d["weight_decay"] == LEGACY_WEIGHT_DECAY:
             del d["weight_decay"]
@@ -130,7 +137,7 @@ class Run:
     def effective_weight_decay(self) -> float:
         if self.weight_decay is not None:
             return self.weight_decay
-        return DEFAULT_WEIGHT_DECAY[self.method] if self.method else LEGACY_WEIGHT_DECAY
+        return DEFAULT_WEIGHT_DECAY[self.method] if self.method else PRETRAIN_WEIGHT_DECAY
 
     @property
     def key(self) -> str:
@@ -139,8 +146,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        what = self.method or f"pretrain[{self.preset}]"
-        return f"{what} {self.task} seed {self.seed}"
+        method = self.method or f"pretrain[{self.preset}]"
+        return f"{method} {self.task} seed {self.seed}"
 
     def train_config(self, device: str) -> TrainConfig:
         return TrainConfig(
@@ -154,7 +161,7 @@ class Run:
             device=device,
             progress=False,
             eval_every=max(10, self.steps // 20),  # a 20-point learning curve per run
-            eval_size=512,  # progress and early stop; results use all 3,200 test sequences
+            eval_size=CURVE_SEQUENCES,
             eval_given=self.eval_given,
             train_size=self.train_size,
         )

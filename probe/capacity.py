@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from probe.config import eval_mode
 
 # The paper's counts (official code, LLaMA-7B, greedy 10-token completions).
 PAPER_LLAMA = {
@@ -178,18 +179,6 @@ def _hf_slot(model: nn.Module) -> FirstSlotLM:
     return FirstSlotLM(logits, embed.weight, n_ctx, where, model)
 
 
-@contextmanager
-def _frozen_eval(module: nn.Module):
-    """Eval mode (no dropout) for the body, each submodule's own mode restored after."""
-    saved = [(m, m.training) for m in module.modules()]
-    try:
-        module.eval()
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
-
-
 def _check_fits(lm: FirstSlotLM, n: int) -> None:
     if 1 + n > lm.n_ctx:
         raise ValueError(
@@ -223,7 +212,7 @@ def complete(
     _check_fits(lm, n)
     first = _as_vectors(lm, first)
     out = []
-    with _frozen_eval(lm.module):
+    with eval_mode(lm.module):
         for chunk in first.split(batch):
             tokens = torch.zeros(len(chunk), 0, dtype=torch.long, device=chunk.device)
             for _ in range(n):
@@ -295,7 +284,7 @@ def optimise(
         raise ValueError(f"{len(start)} starting vectors for {len(targets)} targets; give one each")
     targets = targets.to(start.device)
     vectors, losses = [], []
-    with _frozen_eval(lm.module):
+    with eval_mode(lm.module):
         for y, x0 in zip(targets.split(batch), start.split(batch), strict=True):
             x = x0.clone().requires_grad_(True)
             m, v = torch.zeros_like(x0), torch.zeros_like(x0)

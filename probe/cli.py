@@ -280,14 +280,14 @@ def cmd_evaluate(args) -> int:
     tuned = Tuned(base)
     for name, path in zip(row_names(args.adapter), args.adapter, strict=True):
         tuned.add(name, load_adapter(path, base))
-    tasks = [get_task(name) for name in args.task]
-    for task in tasks:
+    chosen_tasks = [get_task(name) for name in args.task]
+    for task in chosen_tasks:
         check_fits(base, task)
     width = max([8, *(len(n) for n in tuned.adapters)])
-    print(f"{'adapter':{width}s}  " + "  ".join(f"{t.name:>13s}" for t in tasks))
+    print(f"{'adapter':{width}s}  " + "  ".join(f"{t.name:>13s}" for t in chosen_tasks))
     for name in [None, *tuned.adapters]:
         tuned.use(name).eval()
-        accs = [evaluate(tuned, t, args.n, device=args.device) for t in tasks]
+        accs = [evaluate(tuned, t, args.n, device=args.device) for t in chosen_tasks]
         print(f"{name or '(base)':{width}s}  " + "  ".join(f"{a:13.2%}" for a in accs))
     return 0
 
@@ -333,10 +333,10 @@ def check_inputs(args, adapter: str | None):
     """Our ``--base`` with ``adapter`` (a directory, or None for a random key/value prefix) and
     its inputs, for check-theorem and view: (base in ``--dtype``, tuned, a phrase naming it,
     tokens [n, T], the task)."""
-    from probe import probes
     from probe.adapters import load_adapter
     from probe.model import Transformer
     from probe.train import check_fits
+    from probe.tuning import random_stand_in, tuning_phrase
     from tasks import test_set
 
     base = Transformer.load(args.base, args.device)
@@ -347,10 +347,10 @@ def check_inputs(args, adapter: str | None):
         tuned = Transformer.load(adapter, args.device)
         if tuned.cfg != base.cfg:
             raise ValueError(f"{adapter} has another shape than the base model {args.base}")
-        what = "a fine-tuned model"
+        description = tuning_phrase(fine_tuned=True)
     else:
         tuned = load_adapter(adapter, base)
-        what = f"a {tuned.method} adapter"
+        description = tuning_phrase(adapter=tuned.method)
     if args.dtype:
         base = base.to(getattr(torch, args.dtype))
     task = get_task(args.task)
@@ -358,10 +358,8 @@ def check_inputs(args, adapter: str | None):
     tokens = test_set(task, args.n, args.seed).tokens[:, :-1].to(args.device)
     if tuned is None:
         _, cache = base.run_with_cache(tokens)
-        g = torch.Generator().manual_seed(args.seed)
-        tuned = probes.random_prefix(cache, base.cfg.n_layers, args.prefix_len, g)
-        what = f"a random key/value prefix, P={args.prefix_len}"
-    return base, tuned, what, tokens, task
+        tuned, description = random_stand_in(cache, base.cfg.n_layers, args.prefix_len, args.seed)
+    return base, tuned, description, tokens, task
 
 
 def cmd_check_theorem(args) -> int:
@@ -387,9 +385,9 @@ def cmd_check_theorem(args) -> int:
         header += f"\n{run.positions}"
         return print_theorem_check(header, run.result)
 
-    base, tuned, what, tokens, task = check_inputs(args, args.adapter)
+    base, tuned, description, tokens, task = check_inputs(args, args.adapter)
     result = check_tuned(base, tuned, tokens, args.tol_factor)
-    header = f"{args.base} with {what}: {args.n} {task.name} inputs, {base.W_E.dtype}"
+    header = f"{args.base} with {description}: {args.n} {task.name} inputs, {base.W_E.dtype}"
     return print_theorem_check(header, result)
 
 

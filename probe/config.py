@@ -3,8 +3,8 @@
 :class:`ModelConfig` (a model's shape, validated when built), the paper's :data:`PRESETS` and
 :class:`KVPrefix` (one layer's key/value prefix). They live apart from :mod:`probe.model` so
 that probing a Hugging Face model (:mod:`probe.hf`, ``probe check-theorem --base HF_DIR``)
-imports neither our model nor transformer-lens, which it does not use (0.7 s of start-up).
-:mod:`probe.model` and :mod:`probe` export them too.
+imports neither our model nor transformer-lens: it uses neither, and importing them slows its
+start-up. :mod:`probe.model` and :mod:`probe` export them too.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def _check_T(owner: str, T) -> None:
         )
 
 
-def _ids(owner: str, what: str, value, V: int, alphabet: str) -> list[int]:
+def _ids(owner: str, value_name: str, value, V: int, alphabet: str) -> list[int]:
     """Token ids from a str (encoded over ``alphabet``) or a sequence of ints in [0, V)."""
     if isinstance(value, str):
         if V > len(alphabet):
@@ -198,7 +198,7 @@ def _ids(owner: str, what: str, value, V: int, alphabet: str) -> list[int]:
     else:
         ids = torch.as_tensor(value).tolist() if isinstance(value, Tensor) else list(value)
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < V for i in ids):
-        raise ValueError(f"{owner}: {what} must be token ids in [0, V={V}); got {ids}")
+        raise ValueError(f"{owner}: {value_name} must be token ids in [0, V={V}); got {ids}")
     return ids
 
 

@@ -540,13 +540,15 @@ class TheoremCheck:
             if not self.expected[i] or layer not in (None, d.layer):
                 continue
             for h in range(d.pattern_error.shape[0]) if head is None else [head]:
-                for what, err, tol in (
+                for identity, err, tol in (
                     ("pattern", d.pattern_error[h].item(), self.pattern_tol[i]),
                     ("alpha", d.alpha_error[h].item(), self.pattern_tol[i]),
                     ("z", d.z_error[h].item(), self.z_tol[i]),
                 ):
                     if not err <= tol:  # also catches NaN
-                        out.append(f"layer {d.layer} head {h}: {what} error {err:.3g} > {tol:.3g}")
+                        out.append(
+                            f"layer {d.layer} head {h}: {identity} error {err:.3g} > {tol:.3g}"
+                        )
         for g in self.gated or []:
             if g is not None and layer in (None, g.layer) and not g.ok:
                 out.append(f"layer {g.layer}: gated-bias error {g.error:.3g} > {g.tol:.3g}")

@@ -425,13 +425,13 @@ def cmd_view(args) -> int:
                 dtype=getattr(torch, args.dtype) if args.dtype else None,
                 device=args.device,
             )
-            what = f"{run.what}; {run.positions}"
+            description = f"{run.what}; {run.positions}"
             n = tokens.shape[0] if isinstance(tokens, Tensor) else len(tokens)
-            models.append(ModelView(name, run.records, run.result, strings, what, n))
+            models.append(ModelView(name, run.records, run.result, strings, description, n))
     else:
         for name, adapter in zip(names, adapters, strict=True):
-            base, tuned, what, tokens, task = check_inputs(args, adapter)
-            models.append(model_view(name, base, tuned, tokens, None, args.example, what))
+            base, tuned, description, tokens, task = check_inputs(args, adapter)
+            models.append(model_view(name, base, tuned, tokens, None, args.example, description))
         inputs = f"{args.n} {task.name} inputs"
     title = args.title or f"{Path(args.base).name}: {', '.join(names)} ({inputs})"
     page = View.of(models, title, cfg)

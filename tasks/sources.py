@@ -53,13 +53,13 @@ def is_file_reference(module: str) -> bool:
     return module.endswith(".py") or "/" in module or "\\" in module
 
 
-def import_source(module: str, what: str) -> ModuleType:
-    """Import a module by name or a ``.py`` file by path (once); ``what`` prefixes errors."""
+def import_source(module: str, origin: str) -> ModuleType:
+    """Import a module by name or a ``.py`` file by path (once); ``origin`` prefixes errors."""
     if is_file_reference(module):
         path = Path(module).expanduser().resolve()
         if not path.is_file():
             raise TaskReferenceError(
-                f"{what}: no file {module}; pass an existing .py file or {HINT}"
+                f"{origin}: no file {module}; pass an existing .py file or {HINT}"
             )
         # A stable, unique module name per file, so importing it again reuses the module.
         digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
@@ -75,7 +75,7 @@ def import_source(module: str, what: str) -> ModuleType:
         except Exception as e:
             del sys.modules[name]
             raise TaskReferenceError(
-                f"{what}: importing {module} failed with {first_line(e)}; fix that file"
+                f"{origin}: importing {module} failed with {first_line(e)}; fix that file"
             ) from e
         return mod
     if module in sys.modules:
@@ -86,15 +86,15 @@ def import_source(module: str, what: str) -> ModuleType:
     except ModuleNotFoundError as e:
         if e.name and (module == e.name or module.startswith(e.name + ".")):
             raise TaskReferenceError(
-                f"{what}: no module named {module!r} on the Python path; install it, add its "
+                f"{origin}: no module named {module!r} on the Python path; install it, add its "
                 f"folder to PYTHONPATH, or pass the file itself: path/to/{module}.py"
             ) from None
         raise TaskReferenceError(
-            f"{what}: importing {module} failed with {first_line(e)}; fix that module"
+            f"{origin}: importing {module} failed with {first_line(e)}; fix that module"
         ) from e
     except Exception as e:
         raise TaskReferenceError(
-            f"{what}: importing {module} failed with {first_line(e)}; fix that module"
+            f"{origin}: importing {module} failed with {first_line(e)}; fix that module"
         ) from e
 
 
@@ -107,17 +107,17 @@ def _register_object(obj, source: str) -> Task | Mixture:
 def task_from_reference(reference: str) -> Task | Mixture:
     """The task ``MODULE:NAME`` or ``path/to/file.py:NAME`` names (importing the module once)."""
     module, _, name = reference.rpartition(":")
-    what = f"task reference {reference!r}"
+    origin = f"task reference {reference!r}"
     if not module or not name:
-        raise TaskReferenceError(f"{what}: {HINT}")
-    mod = import_source(module, what)
+        raise TaskReferenceError(f"{origin}: {HINT}")
+    mod = import_source(module, origin)
     source = f"file {module}" if is_file_reference(module) else f"module {module}"
     obj = getattr(mod, name, None)
     if isinstance(obj, Task | Mixture):
         return _register_object(obj, source)
     if obj is not None:
         raise TaskReferenceError(
-            f"{what}: {module}.{name} is a {type(obj).__name__}, not a tasks.Task or "
+            f"{origin}: {module}.{name} is a {type(obj).__name__}, not a tasks.Task or "
             "tasks.Mixture; point at a Task object or a registered task name"
         )
     task = registry.registered(name)
@@ -125,7 +125,7 @@ def task_from_reference(reference: str) -> Task | Mixture:
         return task
     mine = registry.names_from(source)
     raise TaskReferenceError(
-        f"{what}: {module} has no Task named {name!r} and registered none by that name "
+        f"{origin}: {module} has no Task named {name!r} and registered none by that name "
         f"(it registered: {', '.join(mine) or 'nothing'}); define {name} = tasks.Task(...) "
         "there or call tasks.register in it"
     )
@@ -139,13 +139,13 @@ def load_entry_points() -> None:
     for ep in entry_points(group=GROUP):
         dist = getattr(ep.dist, "name", None) or "an unknown package"
         source = f"entry point {ep.name} ({dist})"
-        what = f"task entry point {ep.name} = {ep.value!r} (group {GROUP}, package {dist})"
+        origin = f"task entry point {ep.name} = {ep.value!r} (group {GROUP}, package {dist})"
         try:
             with registry.loading(source):
                 obj = ep.load()
         except Exception as e:
             raise TaskReferenceError(
-                f"{what} failed to load: {first_line(e)}; fix or uninstall {dist}"
+                f"{origin} failed to load: {first_line(e)}; fix or uninstall {dist}"
             ) from e
         objs = obj if isinstance(obj, list | tuple) else [obj]
         for o in objs:
@@ -153,7 +153,7 @@ def load_entry_points() -> None:
                 _register_object(o, source)
             elif not isinstance(o, ModuleType):
                 raise TaskReferenceError(
-                    f"{what} loads a {type(o).__name__}; it must name a module, a tasks.Task or "
+                    f"{origin} loads a {type(o).__name__}; it must name a module, a tasks.Task or "
                     "tasks.Mixture, or a list of them"
                 )
     _entry_points_loaded = True

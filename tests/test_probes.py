@@ -405,6 +405,33 @@ def test_cli_random_prefix_and_fine_tuned_model(saved_base, tmp_path, capsys):
     assert "no identity applies" in capsys.readouterr().out
 
 
+def test_one_phrase_names_every_tuning_and_only_probe_tuning_spells_it():
+    from pathlib import Path
+
+    from probe.tuning import tuning_phrase
+
+    assert tuning_phrase() == "the base model alone"
+    assert tuning_phrase(prefix_len=4, random=True) == "a random key/value prefix, P=4"
+    assert tuning_phrase(adapter="prefix") == "a prefix adapter"
+    assert tuning_phrase(adapter="PEFT PREFIX_TUNING", adapter_len=3) == (
+        "a PEFT PREFIX_TUNING adapter, P=3"
+    )
+    assert tuning_phrase(prefix_len=2, adapter="PEFT LORA") == (
+        "a key/value prefix, P=2 and a PEFT LORA adapter"
+    )
+    assert tuning_phrase(prefix_len=2, fine_tuned=True) == (
+        "a key/value prefix, P=2 and a fine-tuned model"
+    )
+    root = Path(__file__).resolve().parents[1]
+    spelled = [
+        path.relative_to(root).as_posix()
+        for package in ("probe", "tasks", "analysis")
+        for path in (root / package).rglob("*.py")
+        if any(words in path.read_text() for words in ("key/value prefix, P=", 'fine-tuned model"'))
+    ]
+    assert spelled == ["probe/tuning.py"], spelled
+
+
 def test_cli_prefix_adapter_and_a_failing_identity(saved_base, tmp_path, capsys, monkeypatch):
     model, path = saved_base
     adapter = make_adapter("prefix", model, length=2).save(tmp_path / "a", model)

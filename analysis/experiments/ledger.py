@@ -91,14 +91,14 @@ def verdict_elicit(
     return f"depends: prefix elicits the skill and {missing} ({where})"
 
 
-def verdict_better(a: list[float], b: list[float], what: str) -> str:
+def verdict_better(a: list[float], b: list[float], difference: str) -> str:
     """Claims 3, 6: a beats b beyond noise -> supported; b beats a -> refuted; else depends."""
     c = compare(a, b)
     if c > 0:
         return "supported"
     if c < 0:
         return "refuted"
-    return f"depends: no difference beyond noise here ({what}: {pp(_mean(a) - _mean(b))})"
+    return f"depends: no difference beyond noise here ({difference}: {pp(_mean(a) - _mean(b))})"
 
 
 def verdict_shares(prompt: dict[int, float], prefix: dict[int, float]) -> str:

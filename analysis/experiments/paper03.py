@@ -37,6 +37,7 @@ from analysis.report import (
 )
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store
+from probe.config import PRETRAIN_LR
 
 PRETRAIN = ("sort_asc", "sort_desc", "add1", "add2")
 NEW = ("sort_asc_add1", "hist")
@@ -102,7 +103,7 @@ def base_runs(p: Profile) -> list[Run]:
             preset="03",
             model=model_overrides(p),
             steps=p.pick(*BASE_STEPS),
-            lr=p.pick(3e-3, BASE["lr"], 5e-4, BASE["lr"]),
+            lr=p.pick(PRETRAIN_LR, BASE["lr"], 5e-4, BASE["lr"]),
             batch_size=p.pick(64, BASE["batch_size"], 64, BASE["batch_size"]),
             warmup=p.pick(50, BASE["warmup"], 50, BASE["warmup"]),
             seed=s,

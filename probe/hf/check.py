@@ -16,7 +16,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from probe.hf.accumulate import _LayerAcc, _LayerResult
-from probe.hf.arch import _architecture, _is_peft, _peft_type, _shape
+from probe.hf.arch import _architecture, _shape
 from probe.hf.gated import gated_biases, is_adaption_prompt
 from probe.hf.loading import load_dirs
 from probe.hf.recording import _record_mode, _recording, _Stop
@@ -29,7 +29,8 @@ from probe.hf.resources import (
 )
 from probe.hf.run import _check_tokens, _forward, _prepared, _run, _Setup, _setup
 from probe.hf.verify import _verify
-from probe.probes import AttentionRecord, TheoremCheck, identities_expected, random_prefix
+from probe.probes import AttentionRecord, TheoremCheck, identities_expected
+from probe.tuning import random_stand_in
 
 # `probe check-theorem --base HF_DIR`'s default number of inputs (our own models: 256). The
 # check's cost is two forwards per input, and 128 inputs already overdetermine what it
@@ -130,11 +131,11 @@ def _check_hf(
         if verify:
             _verify(s, first, offset)
         stack.enter_context(_record_mode([s.runner, s.base_runner]))
-        probes = stack.enter_context(ThreadPoolExecutor(1, initializer=_worker_thread))
-        runs = ThreadPoolExecutor(1, initializer=_worker_thread) if base_aside else None
-        if runs is not None:
-            stack.enter_context(runs)
-        stream = _Stream(s, offset, downstream, tol_factor, probes, runs)
+        probe_pool = stack.enter_context(ThreadPoolExecutor(1, initializer=_worker_thread))
+        base_pool = ThreadPoolExecutor(1, initializer=_worker_thread) if base_aside else None
+        if base_pool is not None:
+            stack.enter_context(base_pool)
+        stream = _Stream(s, offset, downstream, tol_factor, probe_pool, base_pool)
         merged = stream.run(batches)
     n_layers = len(merged)
     result = TheoremCheck(
@@ -151,7 +152,7 @@ def _check_hf(
         with _threads(1):
             result.gated = gated_biases(s, t[rows], offset, tol_factor)
     return HFCheck(
-        result, s.what, stream.kept, list(s.frozen), _positions(s, offset, first.shape[1])
+        result, s.description, stream.kept, list(s.frozen), _positions(s, offset, first.shape[1])
     )
 
 
@@ -183,8 +184,8 @@ def _chunks(
 
 class _Stream:
     """One check's chunks streamed through the threads of :func:`_check_hf`: the tuned runs on
-    the caller's thread, the base runs on ``runs`` (None: the caller's thread, first), the probes
-    on ``probes``; each layer's results accumulate in a :class:`_LayerAcc` per layer."""
+    the caller's thread, the base runs on ``base_pool`` (None: the caller's thread, first), the
+    probes on ``probe_pool``; each layer's results accumulate in a :class:`_LayerAcc` per layer."""
 
     def __init__(
         self,
@@ -192,11 +193,11 @@ class _Stream:
         offset: int,
         downstream: bool,
         tol_factor: float,
-        probes: ThreadPoolExecutor,
-        runs: ThreadPoolExecutor | None,
+        probe_pool: ThreadPoolExecutor,
+        base_pool: ThreadPoolExecutor | None,
     ):
         self.s, self.offset, self.downstream, self.tol_factor = s, offset, downstream, tol_factor
-        self.probes, self.runs = probes, runs
+        self.probe_pool, self.base_pool = probe_pool, base_pool
         n_layers = _shape(s.base).n_layers
         self.accs = [_LayerAcc() for _ in range(n_layers)]
         self.finals: list[Future | None] = [None] * n_layers  # each layer's merged result, to come
@@ -226,8 +227,8 @@ class _Stream:
         """Chunk ``i``'s base records, to come (None: no downstream drift, or no such chunk)."""
         if not self.downstream or i >= len(batches):
             return None
-        if self.runs is not None:
-            return self.runs.submit(self._base_records, *batches[i])
+        if self.base_pool is not None:
+            return self.base_pool.submit(self._base_records, *batches[i])
         done = Future()
         done.set_result(self._base_records(*batches[i]))
         return done
@@ -235,7 +236,7 @@ class _Stream:
     def _on_record(self, rec: AttentionRecord, base_records: Future | None, last: bool) -> None:
         if len(self.kept) == rec.layer:  # the first chunk's first input, for the CLI's header
             self.kept.append(_first_row(rec))
-        job = self.probes.submit(self._probe, rec, base_records, last)
+        job = self.probe_pool.submit(self._probe, rec, base_records, last)
         if last:
             self.finals[rec.layer] = job
         self.queued.append(job)
@@ -308,34 +309,20 @@ def check_theorem_dirs(
 
     tokens: [batch, T] ids, or a list of [1, T_i] (texts). Without an adapter, a random
     key/value prefix of ``prefix_len`` positions per layer, in the range of the model's own
-    (rotated) keys and values on the first inputs (:func:`probe.probes.random_prefix`), seeded.
+    (rotated) keys and values on the first 16 inputs (:func:`probe.tuning.random_stand_in`),
+    seeded.
     """
     base, kwargs = load_dirs(model_dir, adapter_dir, dtype, device)
-    what = None
+    stand_in = None  # the random prefix's phrase, when there is one
     if adapter_dir is None:
         first = tokens if isinstance(tokens, Tensor) else tokens[0]
-        stats: dict[str, Tensor] = {}  # the base's own keys and values [b, T, G, e], no records
-        last = _shape(base).n_layers - 1
-
-        def on_layer(layer, r):
-            for n in "kv":
-                stats[f"blocks.{layer}.attn.hook_{n}"] = r[n].transpose(1, 2)
-            if layer == last:
-                raise _Stop  # nothing after the last attention is needed
-
-        plain = _setup(base, None, None, min(16, first.shape[0]))
         # One thread for the statistics too: on a loaded machine, more threads slow these small
         # mean/std reductions down (the values are the same: each is over one dimension).
         with _threads(1):
-            with _recording(base, on_layer), contextlib.suppress(_Stop):
-                _forward(plain, first[:16], 0, slice(None), 1)
-            g = torch.Generator().manual_seed(seed)
-            kwargs["prefix"] = random_prefix(stats, _shape(base).n_layers, prefix_len, g)
-        del stats  # free the keys and values before the check
-        what = f"a random key/value prefix, P={prefix_len}"
-    elif "tuned_model" in kwargs:
-        tuned = kwargs["tuned_model"]
-        what = f"a PEFT {_peft_type(tuned)} adapter" if _is_peft(tuned) else "a fine-tuned model"
+            kv = _own_keys_values(base, first[:16])
+            n_layers = _shape(base).n_layers
+            kwargs["prefix"], stand_in = random_stand_in(kv, n_layers, prefix_len, seed)
+        del kv  # free the keys and values before the check
     run = _check_hf(
         base,
         tokens,
@@ -346,4 +333,23 @@ def check_theorem_dirs(
         tol_factor,
         verify,
     )
-    return run._replace(what=what or run.what)
+    return run if stand_in is None else run._replace(what=stand_in)
+
+
+def _own_keys_values(base: nn.Module, tokens: Tensor) -> dict[str, Tensor]:
+    """The base's own keys and values [b, T, G, e] per layer on ``tokens`` [b, T], named as
+    :func:`probe.tuning.random_stand_in` takes them; no records are made, and the forward stops
+    after the last layer's attention."""
+    kv: dict[str, Tensor] = {}
+    last = _shape(base).n_layers - 1
+
+    def on_layer(layer, r):
+        for n in "kv":
+            kv[f"blocks.{layer}.attn.hook_{n}"] = r[n].transpose(1, 2)
+        if layer == last:
+            raise _Stop  # nothing after the last attention is needed
+
+    plain = _setup(base, None, None, tokens.shape[0])
+    with _recording(base, on_layer), contextlib.suppress(_Stop):
+        _forward(plain, tokens, 0, slice(None), 1)
+    return kv

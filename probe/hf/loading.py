@@ -38,8 +38,8 @@ def require_hf(peft: bool = True) -> SimpleNamespace:
     """Import the optional HF stack lazily; raise :class:`MissingExtraError` naming the fix.
 
     Returns a namespace with ``transformers`` and (``peft=True``) ``peft``. Paths without an
-    adapter pass ``peft=False``: importing peft costs ~0.15 s of a check's start-up that they do
-    not use.
+    adapter pass ``peft=False``: importing peft would lengthen a check's start-up for a package
+    they do not use.
     """
     try:
         import transformers
@@ -67,8 +67,9 @@ def is_peft_adapter_dir(path: str | Path) -> bool:
 def is_hf_model_dir(path: str | Path) -> bool:
     """True if ``path`` is a saved HF model directory (a ``config.json`` with ``model_type``).
 
-    Our own saved models have a ``config.json`` with ``"format": "prefix-probe-model/1"`` and no
-    ``model_type``, so the two never get confused. Needs no optional package.
+    Our own saved models have a ``config.json`` with a ``"format"``
+    (:data:`probe.io.MODEL_FORMAT`) and no ``model_type``, so the two never get confused. Needs
+    no optional package.
     """
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
@@ -135,7 +136,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     Prompt-learning adapters leave ``model``'s modules as they are; weight adapters (LoRA) wrap
     them in place (no copy of the model: call ``.unload()`` on the result to restore them).
     Mismatches (another architecture or width, missing weights) raise one-line ValueErrors."""
-    hf = require_hf()
+    libs = require_hf()
     adapter_dir = Path(adapter_dir)
     if not is_peft_adapter_dir(adapter_dir):
         raise FileNotFoundError(
@@ -147,7 +148,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     try:
         with warnings.catch_warnings():  # PEFT calls an API transformers deprecates; not ours
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-            pm = hf.peft.PeftModel.from_pretrained(model, str(adapter_dir))
+            pm = libs.peft.PeftModel.from_pretrained(model, str(adapter_dir))
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         _unwrap_lora(model)
         first = next((ln.strip() for ln in str(e).splitlines() if "mismatch" in ln), None)
@@ -176,7 +177,7 @@ def load_hf_model(
 
     dtype: e.g. torch.float64 for the tightest check; None keeps the saved dtype. Missing or
     truncated weights raise a one-line ValueError."""
-    hf = require_hf(peft=False)
+    libs = require_hf(peft=False)
     if not is_hf_model_dir(model_dir):
         raise FileNotFoundError(
             f"{model_dir} is not a Hugging Face model directory (no config.json with model_type)"
@@ -184,7 +185,7 @@ def load_hf_model(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = hf.transformers.AutoModelForCausalLM.from_pretrained(
+            model = libs.transformers.AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype="auto" if dtype is None else dtype, local_files_only=True
             )
     except Exception as e:  # OSError, SafetensorError, ...: one line, naming the directory
@@ -232,14 +233,14 @@ def load_dirs(
 def tokenize_texts(model_dir: str | Path, texts: Sequence[str]) -> list[Tensor]:
     """Token ids [1, T_i] per text, with the tokenizer saved in ``model_dir`` (its defaults, so a
     BOS token where the tokenizer adds one). One-line errors when there is no tokenizer."""
-    hf = require_hf(peft=False)
+    libs = require_hf(peft=False)
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError("no text to probe: give --text or a --text-file with non-empty lines")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tok = hf.transformers.AutoTokenizer.from_pretrained(
+            tok = libs.transformers.AutoTokenizer.from_pretrained(
                 str(model_dir), local_files_only=True
             )
     except Exception as e:

@@ -62,7 +62,7 @@ def positioned_prompt_to_prefix(
     prompt: [P, d_model] or [batch, P, d_model] input embeddings.
     Returns one KVPrefix per layer, keys/values [batch, P, G, e].
     """
-    hf = require_hf(peft=False)
+    libs = require_hf(peft=False)
     d = _shape(model).d_model
     if prompt.ndim == 2:
         prompt = prompt.unsqueeze(0)
@@ -78,7 +78,7 @@ def positioned_prompt_to_prefix(
         out = model(
             inputs_embeds=prompt.to(param),
             position_ids=torch.arange(P, device=param.device).expand(prompt.shape[0], P),
-            past_key_values=hf.transformers.DynamicCache(),
+            past_key_values=libs.transformers.DynamicCache(),
             use_cache=True,
             logits_to_keep=1,
         )

@@ -42,6 +42,7 @@ from probe.hf.loading import (
 from probe.hf.prefix import _fresh_cache, hf_prefix
 from probe.hf.recording import _recording, _Stop
 from probe.probes import AttentionRecord
+from probe.tuning import tuning_phrase
 
 
 @dataclass
@@ -54,6 +55,7 @@ class _Setup:
         passed as the cache), "none".
     kv: the raw prefix for kind "kv", [batch or 1, P, G, e] per layer.
     base_off: a context in which ``base_runner`` runs the base model (adapters disabled).
+    description: the phrase naming the tuning (:func:`probe.tuning.tuning_phrase`).
     """
 
     base: nn.Module
@@ -65,7 +67,7 @@ class _Setup:
     base_off: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     frozen: list[bool] = field(default_factory=list)
     own_head: list[bool] = field(default_factory=list)  # per layer: see _own_head
-    what: str = ""
+    description: str = ""
 
     @property
     def tuned(self) -> nn.Module:
@@ -198,7 +200,7 @@ def _peft_prefix_setup(base_model: nn.Module, prefix: Any, tuned_model) -> _Setu
         prefix,
         "peft_prefix" if kind in PREFIX_PEFT_TYPES else "peft_prompt",
         P=P,
-        what=f"a PEFT {kind} adapter, P={P}",
+        description=tuning_phrase(adapter=f"PEFT {kind}", adapter_len=P),
     )
 
 
@@ -208,15 +210,14 @@ def _raw_setup(base_model: nn.Module, prefix: Any, tuned_model, batch: int) -> _
     runner = tuned_model if tuned_model is not None else base_model
     _check_pair(base_model, _hf_model(runner))
     kv = hf_prefix(_hf_model(runner), prefix, batch) if prefix is not None else None
-    s = _Setup(base_model, runner, "kv" if kv else "none", P=kv[0].length if kv else 0, kv=kv)
-    if kv:
-        s.what = f"a key/value prefix, P={s.P}"
-    if _is_peft(runner):
-        s.what = " and ".join(filter(None, [s.what, f"a PEFT {_peft_type(runner)} adapter"]))
-    elif runner is not base_model:
-        s.what = " and ".join(filter(None, [s.what, "a fine-tuned model"]))
-    s.what = s.what or "the base model alone"
-    return s
+    P = kv[0].length if kv else 0
+    peft = _is_peft(runner)
+    description = tuning_phrase(
+        prefix_len=P if kv else None,
+        adapter=f"PEFT {_peft_type(runner)}" if peft else None,
+        fine_tuned=not peft and runner is not base_model,
+    )
+    return _Setup(base_model, runner, "kv" if kv else "none", P=P, kv=kv, description=description)
 
 
 def _own_head(base: nn.Module, tuned: nn.Module) -> list[bool]:
@@ -296,18 +297,18 @@ def _forward(s: _Setup, tokens: Tensor, offset: int, rows: slice, keep: int, bas
 
 
 def _make_record(
-    s: _Setup, layer: int, r: dict, T: int, frozen: bool = True, recompute: int | None = None
+    s: _Setup, layer: int, r: dict, T: int, tuned_run: bool = True, recompute: int | None = None
 ) -> AttentionRecord:
     """The recorded tensors of one layer -> an AttentionRecord of the T content queries.
 
     r: the recording attention's tensors (:func:`~probe.hf.recording._recording_attention`).
-    frozen: False for the base run, whose pattern alone is kept (:func:`_pattern_record`).
+    tuned_run: False for the base run, whose pattern alone is kept (:func:`_pattern_record`).
     recompute: on a layer whose head input side *is* the base's own modules (:func:`_own_head`:
     the same norm and q/k/v modules, no adapter wrapped around them, so recomputing the frozen
     head is the very call the run just made, on the very same input), the frozen head is
     recomputed from the base weights on the first ``recompute`` inputs only and the recorded
     q/k/v stand for it on the others (exact: same weights, same input). None: every input."""
-    if not frozen:
+    if not tuned_run:
         return _pattern_record(layer, r, T)
     arch = _architecture(s.base)
     shape = _shape(s.base)
@@ -408,7 +409,7 @@ def _run(
 
     def on_layer(layer, r):
         if on_record is not None:
-            on_record(_make_record(s, layer, r, T, frozen=not base, recompute=recompute))
+            on_record(_make_record(s, layer, r, T, tuned_run=not base, recompute=recompute))
         if stop and layer == last:
             raise _Stop
 
