@@ -37,7 +37,7 @@ TASK = "hist"
 # its parameter count, 12,288. Rank 1 gives that count on the paper's 03 model (4 layers, d 256);
 # on the quick profile's half-width, half-depth model the same count is rank 4. LoRA on the
 # attention matrices at the same count (W_Q/K/V/O at rank 6) stays at 1% on hist from this base,
-# and so does W_Q/K with W_in/W_out at rank 4 (docs/benchmarks.md, 04's LoRA recipe).
+# and so does W_Q/K with W_in/W_out at rank 4 (docs/guides/experiments.md, 04's LoRA on hist).
 LORA_TARGETS = ("W_O", "W_in", "W_out")
 PAPER_PARAMS = 12_288
 
@@ -94,11 +94,11 @@ PAPER = {
 # Each method's budget as (smoke, quick, paper, full). LoRA's loss falls steadily from the start
 # but slowly, and its exact match follows late: gradient noise, not the step size, holds it back.
 # Batch 256 at lr 2e-2 (warm-up 100) is the quick recipe: at 2,000 steps it beats batch 64 at
-# 3,000 on every seed (docs/benchmarks.md, 04's LoRA recipe). The full profile keeps batch 64
-# at lr 1e-2 for 12,000 steps. The prefix's curve is flat at about 1% from its first point on
-# every profile, so the quick profile gives it 500 steps and the full profile 4,000, so that
-# its failure is not a short budget's. Full fine-tuning is a reference (can this base learn the
-# task at all?): lr 1e-3 beat 3e-3 and batch 128, and 1,500 steps let two seeds finish their
+# 3,000 on every seed (docs/guides/experiments.md, "04's LoRA on hist"). The full profile keeps
+# batch 64 at lr 1e-2 for 12,000 steps. The prefix's curve is flat at about 1% from its first
+# point on every profile, so the quick profile gives it 500 steps and the full profile 4,000, so
+# that its failure is not a short budget's. Full fine-tuning is a reference (can this base learn
+# the task at all?): lr 1e-3 beat 3e-3 and batch 128, and 1,500 steps let two seeds finish their
 # rise.
 STEPS = {
     "prefix": (20, 500, 100000, 4000),
