@@ -16,7 +16,9 @@ When the driver (the process running the sweep) dies, however it dies:
 
 * local: its workers end with it (:mod:`analysis.lifetime`);
 * ray: Ray ends the driver's tasks when the driver's job ends, which its death does; a Ray
-  started by the driver (no ``address``) ends with it;
+  started by the driver (no ``address``) ends with it, its raylet, GCS and workers within
+  seconds, its two idle agent processes once Ray's 60 s timeout for reporting the raylet's
+  death has passed;
 * slurm: submitted jobs keep running and commit their runs to the store; jobs still queued
   start later and do the same.
 
@@ -145,15 +147,15 @@ class LocalExecutor(Executor):
 class RayExecutor(Executor):
     """Runs as Ray tasks, each asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs
     (fractions share a GPU). With ``address`` it joins that cluster (``"auto"``: the one this
-    node belongs to); without, it starts a local Ray with ``num_cpus`` CPUs (default: this
-    machine's) and shuts it down on :meth:`close`. Ray's own task retries are off:
-    ``--retries`` decides. ``jobs`` (default: what the cluster can run at once) caps the runs
-    in flight.
+    node belongs to); without, it starts a local Ray of its own with ``num_cpus`` CPUs
+    (default: this machine's), whatever ``RAY_ADDRESS`` says, and shuts it down on
+    :meth:`close`. Ray's own task retries are off: ``--retries`` decides. ``jobs`` (default:
+    what the cluster can run at once) caps the runs in flight.
 
     If the driver dies, Ray ends its tasks (they belong to the driver's job, which ends with
-    it), and a local Ray it started ends too; an interrupted sweep's :meth:`close` ends the
-    Ray connection this executor made, which does the same. The next sweep cleans what the
-    killed tasks left."""
+    it), and a local Ray it started ends too (its two idle agents a minute later); an
+    interrupted sweep's :meth:`close` ends the Ray connection this executor made, which does the
+    same. The next sweep cleans what the killed tasks left."""
 
     name = "ray"
 
@@ -171,7 +173,14 @@ class RayExecutor(Executor):
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+                # "local": a new Ray of this process's own, even where RAY_ADDRESS is set or
+                # a `ray start` cluster runs here (ray.init() would join that instead).
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
             self._started = True
         self._task = ray.remote(claim_and_execute).options(
             num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0

@@ -1,6 +1,7 @@
 """A sweep's local workers live and die with their driver: kill -9 of the driver leaves no worker
-behind; Ctrl-C stops ``probe reproduce`` with one line and a store that resumes to the same bytes;
-a script that starts a sweep without a main guard is told the fix in one line.
+behind, nor a local Ray it started; Ctrl-C stops ``probe reproduce`` with one line and a store
+that resumes to the same bytes; a script that starts a sweep without a main guard is told the
+fix in one line.
 
 The process tests read /proc (Linux) to find a driver's descendants and tell a dead process (or
 an unreaped zombie) from a live one; they poll with deadlines, never sleep a fixed time.
@@ -64,6 +65,20 @@ SLURM_DRIVER = DRIVER.replace(
     "jobs=2)",
     "executor=SlurmExecutor(sys.argv[3], jobs=2, time_min=5, cluster='local'))",
 )
+# Two runs at once on a local Ray the driver starts (two 1-CPU runs); argv: store, steps.
+RAY_DRIVER = """
+import sys
+from analysis.executors import RayExecutor
+from analysis.runs import Run, Store, run_all
+
+if __name__ == "__main__":
+    runs = [Run("copy", preset="tiny", steps=int(sys.argv[2]), seed=s) for s in range(2)]
+    print(run_all(runs, Store(sys.argv[1]), executor=RayExecutor(num_cpus=2)))
+"""
+RAY_RUNS = [Run("copy", preset="tiny", steps=100, seed=s) for s in range(2)]
+# Ray's per-node agents: once their raylet is gone they exit, but first spend Ray's 60 s timeout
+# reporting its death to the GCS, which died too. They train nothing and hold nothing of the store.
+RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
 # The same sweep started at the script's top level: every spawned worker would run it again.
 UNGUARDED = """
 import sys
@@ -127,6 +142,23 @@ def claims(store: Path) -> list[Path]:
     return list(store.glob(".*.claim"))
 
 
+def finished(store: Path) -> list[Path]:
+    return list(store.glob("*/result.json"))
+
+
+def marked(marker: str) -> dict[int, bytes]:
+    """The live processes whose environment holds ``marker`` (``NAME=value``): a process and
+    whatever it started, reparented or not, unless that cleared its environment. pid -> argv."""
+    found, needle = {}, marker.encode() + b"\0"
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes() and alive(int(entry.name)):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    return found
+
+
 @linux_only
 def test_kill_9_of_the_driver_ends_its_workers(tmp_path):
     script, store = tmp_path / "driver.py", tmp_path / "store"
@@ -179,6 +211,64 @@ def test_slurm_jobs_outlive_their_driver_and_a_new_driver_waits_for_them(tmp_pat
     assert outcome.trained == 2 and not outcome.failed
     assert all(Store(store).done(r) for r in DRIVER_RUNS)
     assert not list(store.glob(".*"))
+
+
+@linux_only
+def test_kill_9_of_a_driver_ends_its_local_ray_and_a_rerun_finishes_the_store(tmp_path):
+    """The driver's Ray tasks and the local Ray it started (raylet, GCS, workers) end within
+    seconds of its kill -9; only Ray's two idle agents outlive it, for their 60 s timeout. A
+    rerun takes over the killed runs' claims at once and trains exactly what did not finish."""
+    pytest.importorskip("ray")
+    script, store = tmp_path / "driver.py", tmp_path / "store"
+    script.write_text(RAY_DRIVER)
+    marker = f"PROBE_TEST_DRIVER={tmp_path}"  # inherited by every process of the driver's Ray
+    env = dict(
+        os.environ,
+        PROBE_TEST_DRIVER=str(tmp_path),
+        # Nothing listens there: the driver must start a Ray of its own all the same.
+        RAY_ADDRESS="127.0.0.1:9",
+        # Ray renices its workers by 15: on a machine busy with other work they would hardly
+        # run, and the test would wait minutes for them.
+        RAY_worker_niceness="0",
+    )
+    steps = str(RAY_RUNS[0].steps)
+    with open(tmp_path / "driver.err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(store), steps], cwd=ROOT, env=env, stdout=err,
+            stderr=err,
+        )  # fmt: skip
+    ray_procs: dict[int, bytes] = {}
+    try:
+        # Killed with both runs started: each is in flight, or (a slow start) already done.
+        def started():
+            return claims(store) and len(claims(store)) + len(finished(store)) == len(RAY_RUNS)
+
+        wait_until(started, 300, "both runs started", proc)
+        trainers = {json.loads(c.read_text())["pid"] for c in claims(store)}
+        ray_procs = marked(marker)
+        assert any(b"raylet" in argv for argv in ray_procs.values())
+        assert trainers and trainers <= set(ray_procs) - {proc.pid}  # trained in Ray workers
+        proc.kill()
+        proc.wait()
+
+        def running():  # the driver's Ray processes still alive, Ray's idle agents aside
+            ray_procs.update(marked(marker))  # and any started after the kill
+            return [
+                p for p, argv in ray_procs.items() if alive(p) and not argv.startswith(RAY_AGENTS)
+            ]
+
+        wait_until(lambda: not running(), 30, "end of the driver's Ray tasks and Ray")
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in set(ray_procs) | set(marked(marker)):  # not even Ray's agents left behind
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    unfinished = [r for r in RAY_RUNS if not Store(store).done(r)]
+    outcome = run_sweep(RAY_RUNS, Store(store), poll=0.05)
+    assert outcome.trained == len(unfinished) >= 1 and not outcome.failed
+    assert all(Store(store).done(r) for r in RAY_RUNS)
+    assert not list(store.glob(".*"))  # the killed runs' claims and temporaries are gone
 
 
 def reproduce_argv(runs: Path, figures: Path) -> list[str]:
