@@ -22,6 +22,7 @@ from analysis.experiments import EXPERIMENTS, ledger
 from analysis.report import PROFILES
 from analysis.reproduce import reproduce
 from analysis.runs import RUN_THREADS, Run, Store, execute, run_all, variant
+from prefix_probe.cli import main
 from probe import io, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -457,29 +458,18 @@ def test_a_bar_holds_only_when_every_seed_clears_it():
 FAULT_EXPERIMENT = "paper04"  # the smallest smoke experiment: 4 runs, a base and 3 adapters
 
 
-def _smoke_command(runs: Path, figures: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "prefix_probe",
-        "reproduce",
-        FAULT_EXPERIMENT,
-        "--profile",
-        "smoke",
-        "--runs-dir",
-        str(runs),
-        "--figures-dir",
-        str(figures),
-    ]
+def _smoke_argv(runs: Path, figures: Path) -> list[str]:
+    return ["reproduce", FAULT_EXPERIMENT, "--profile", "smoke", "--runs-dir", str(runs),
+            "--figures-dir", str(figures)]  # fmt: skip
 
 
-def test_killed_reproduce_resumes_and_matches_a_clean_run(tmp_path):
+def test_killed_reproduce_resumes_and_matches_a_clean_run(tmp_path, paper04_smoke):
     """Fault injection: SIGKILL the whole process group while a run is in progress (a result
     committed, the next run claimed), resume, and compare with an uninterrupted run."""
     runs = tmp_path / "runs"
     store = runs / "smoke"
     proc = subprocess.Popen(
-        _smoke_command(runs, tmp_path / "fig"),
+        [sys.executable, "-m", "prefix_probe", *_smoke_argv(runs, tmp_path / "fig")],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -500,15 +490,11 @@ def test_killed_reproduce_resumes_and_matches_a_clean_run(tmp_path):
     assert 0 < len(finished) < n_total
     assert list(store.glob(".*.claim"))  # the killed process's claim is left behind
 
-    subprocess.run(
-        _smoke_command(runs, tmp_path / "fig"), cwd=ROOT, check=True, capture_output=True
-    )
+    assert main(_smoke_argv(runs, tmp_path / "fig")) == 0  # the same command, resumed here
     for path, (mtime, content) in finished.items():
         assert path.stat().st_mtime_ns == mtime and path.read_bytes() == content
     assert not list(store.glob(".*"))  # the dead process's claim and temporaries are gone
 
-    clean = tmp_path / "clean"
-    reproduce([FAULT_EXPERIMENT], "smoke", 1, "cpu", clean, tmp_path / "fig_clean")
-    resumed, uninterrupted = store_bytes(store), store_bytes(clean / "smoke")
-    assert resumed == uninterrupted  # weights, configs and results, byte for byte
+    # The uninterrupted run (conftest): weights, configs and results, byte for byte.
+    assert store_bytes(store) == paper04_smoke
     assert len(results(store)) == n_total

@@ -26,7 +26,7 @@ from helpers import store_bytes
 from analysis import lifetime
 from analysis.experiments import EXPERIMENTS
 from analysis.report import PROFILES
-from analysis.runs import Run, Store, run_all, run_sweep
+from analysis.runs import Run, Store, run_sweep
 from prefix_probe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ if __name__ == "__main__":
                  options={"length": 2}) for s in range(2)]
     print(run_all([base, *tuned], Store(sys.argv[1]), jobs=2))
 """
-BASE = Run("copy", preset="tiny", steps=400, seed=0)
+BASE = Run("copy", preset="tiny", steps=100, seed=0)
 DRIVER_RUNS = [BASE] + [
     Run(
         "reverse",
@@ -196,7 +196,7 @@ def test_slurm_jobs_outlive_their_driver_and_a_new_driver_waits_for_them(tmp_pat
     script, store = tmp_path / "driver.py", tmp_path / "store"
     script.write_text(SLURM_DRIVER)
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(store), "400", str(tmp_path / "jobs")],
+        [sys.executable, str(script), str(store), str(BASE.steps), str(tmp_path / "jobs")],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -277,7 +277,9 @@ def reproduce_argv(runs: Path, figures: Path) -> list[str]:
 
 
 @linux_only
-def test_ctrl_c_stops_reproduce_in_one_line_and_the_store_resumes_to_the_same_bytes(tmp_path):
+def test_ctrl_c_stops_reproduce_in_one_line_and_the_store_resumes_to_the_same_bytes(
+    tmp_path, paper04_smoke
+):
     runs, figures = tmp_path / "runs", tmp_path / "figures"
     store = runs / "smoke"
     argv = reproduce_argv(runs, figures)
@@ -316,9 +318,8 @@ def test_ctrl_c_stops_reproduce_in_one_line_and_the_store_resumes_to_the_same_by
     assert not list(store.glob(".*"))  # no claim, no temporary: nothing half-written
 
     assert main(argv) == 0  # the resume command, as printed
-    reference = tmp_path / "reference"
-    assert run_all(specs, Store(reference)) == total
-    assert store_bytes(store) == store_bytes(reference)  # weights and results, byte for byte
+    assert len(store_bytes(store)) == len(paper04_smoke) > 0
+    assert store_bytes(store) == paper04_smoke  # as uninterrupted: weights and results, bytes
 
 
 def test_a_script_without_a_main_guard_gets_one_line(tmp_path):
