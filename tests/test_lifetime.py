@@ -283,7 +283,9 @@ def test_ctrl_c_stops_reproduce_in_one_line_and_the_store_resumes_to_the_same_by
     runs, figures = tmp_path / "runs", tmp_path / "figures"
     store = runs / "smoke"
     argv = reproduce_argv(runs, figures)
-    # Its own session, so that the signal goes to the driver and its workers, as Ctrl-C does.
+    # Its own session, so that the signal goes to the driver and its workers, as Ctrl-C does;
+    # SIGINT at its default, as in a terminal: pytest run as a shell's background job inherits
+    # it ignored, and Python keeps an inherited SIG_IGN (the driver would never see Ctrl-C).
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefix_probe", *argv],
         cwd=ROOT,
@@ -291,6 +293,7 @@ def test_ctrl_c_stops_reproduce_in_one_line_and_the_store_resumes_to_the_same_by
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         wait_until(lambda: claims(store), 120, "run claimed by a worker", proc)
