@@ -126,6 +126,8 @@ DEFAULT_LR = {
     "lora": 3e-2,
     "full": 1e-3,
     "prefix+lora": 3e-2,
+    "ia3": 3e-2,
+    "adaption_prompt": 3e-2,
 }
 
 # Adapters train without weight decay. AdamW's decoupled decay pulls every trained weight
@@ -140,6 +142,8 @@ DEFAULT_WEIGHT_DECAY = {
     "lora": 0.0,
     "full": PRETRAIN_WEIGHT_DECAY,
     "prefix+lora": 0.0,
+    "ia3": 0.0,  # decay would pull the scales towards 0, not towards their start, 1
+    "adaption_prompt": 0.0,
 }
 
 
