@@ -65,6 +65,7 @@ QUICK_KEYS = {
     "prefix_spread": "eb2cf9a28477b8c6",
     "sweeps": "0fd387ab0e86a1b7",
     "ledger": "653d940be1d01912",
+    "atlas": "a4230fc451570ce9",  # opt-in; shares study's and paper01's runs and bases
 }
 
 

@@ -56,7 +56,7 @@ def test_shared_methods_are_the_study_and_paper01_runs(profile):
                 prefix.seed,
                 atlas.NEW[m],
             )
-    assert len(atlas.runs(p)) == 2 * len(atlas.METHODS) * len(p.seeds)
+    assert len(atlas.runs(p)) == 2 * len(atlas.methods(p)) * len(p.seeds)
 
 
 def test_atlas_smoke_end_to_end(tmp_path):

@@ -22,7 +22,15 @@ from pathlib import Path
 
 from analysis.experiments import paper01, study
 from analysis.plots import bar_chart
-from analysis.report import Experiment, Figure, Profile, Section, accuracy, markdown_table
+from analysis.report import (
+    Experiment,
+    Figure,
+    Profile,
+    Section,
+    accuracy,
+    curve_note,
+    markdown_table,
+)
 from analysis.report import mean_spread as ms
 from analysis.runs import Run, Store, variant
 from probe import atlas
@@ -35,6 +43,12 @@ SHARED = ("prefix", "prompt", "lora", "full")  # the study's and paper 01's own 
 # The new methods' options: IA3's own targets; one prompt vector per layer, as the P=1 prefix.
 NEW = {"ia3": {}, "adaption_prompt": {"length": 1}}
 TASKS = ("study: sort_asc -> reverse", "01: sort_asc -> sort_desc")
+
+
+def methods(p: Profile) -> tuple[str, ...]:
+    """The trained methods: on the smoke profile, to stay within seconds, the two new ones and
+    the prefix beside them; all six elsewhere."""
+    return p.pick(("prefix", "ia3", "adaption_prompt"), METHODS, METHODS)
 
 
 def _new(run: Run, method: str) -> Run:
@@ -57,7 +71,7 @@ def paper01_runs(p: Profile, method: str) -> list[Run]:
 
 
 def runs(p: Profile) -> list[Run]:
-    return [r for m in METHODS for r in (*study_runs(p, m), *paper01_runs(p, m))]
+    return [r for m in methods(p) for r in (*study_runs(p, m), *paper01_runs(p, m))]
 
 
 def random_subset(p: Profile) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -73,11 +87,13 @@ def random_subset(p: Profile) -> tuple[tuple[str, ...], tuple[str, ...], tuple[s
 class Measured:
     """accuracy: method -> per task (TASKS order) the per-seed accuracies; classes: method ->
     per task the class of seed 0's trained adapter (float64 check on 64 held-out inputs);
+    curves: method -> per task whether the seeds' learning curves had flattened;
     own / peft: the random-model cells (``probe.atlas.AtlasCell``); peft_note: why the PEFT
     cells are missing, if they are."""
 
     accuracy: dict[str, list[list[float]]]
     classes: dict[str, list[str]]
+    curves: dict[str, list[str]]
     own: list
     peft: list
     peft_note: str
@@ -90,13 +106,13 @@ def _class(store: Store, run: Run, task: str) -> str:
 
 
 def measure(store: Store, p: Profile) -> Measured:
-    groups = {m: (study_runs(p, m), paper01_runs(p, m)) for m in METHODS}
-    own_methods, methods, archs = random_subset(p)
+    groups = {m: (study_runs(p, m), paper01_runs(p, m)) for m in methods(p)}
+    own_methods, peft_methods, archs = random_subset(p)
     peft, note = [], ""
     try:
         with warnings.catch_warnings():  # PEFT's notices about random initialisations
             warnings.simplefilter("ignore")
-            peft = [atlas.atlas_cell(m, a) for m in methods for a in archs]
+            peft = [atlas.atlas_cell(m, a) for m in peft_methods for a in archs]
     except MissingExtraError as e:
         note = str(e)
     return Measured(
@@ -105,6 +121,7 @@ def measure(store: Store, p: Profile) -> Measured:
             m: [_class(store, g[0][0], "reverse"), _class(store, g[1][0], "sort_desc")]
             for m, g in groups.items()
         },
+        curves={m: [curve_note(store, rs) for rs in g] for m, g in groups.items()},
         own=[atlas.own_cell(label) for label in own_methods],
         peft=peft,
         peft_note=note,
@@ -134,8 +151,11 @@ def _grid(cells: list) -> str:
 
 def render(m: Measured, p: Profile, out: Path) -> Section:
     trained = markdown_table(
-        ["method", *TASKS, "class of seed 0's adapter (study / 01)"],
-        [[k, *(ms(v) for v in m.accuracy[k]), " / ".join(m.classes[k])] for k in METHODS],
+        ["method", *TASKS, "class of seed 0's adapter (study / 01)", "curves (study / 01)"],
+        [
+            [k, *(ms(v) for v in acc), " / ".join(m.classes[k]), " / ".join(m.curves[k])]
+            for k, acc in m.accuracy.items()
+        ],
     )
     header = ["method", "model", "class", "max local drift", "bias rank", "verified"]
     own = markdown_table(header, _cell_rows(m.own))
@@ -144,7 +164,7 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
         tables += [_grid(m.peft), markdown_table(header, _cell_rows(m.peft))]
     bar_chart(
         list(TASKS),
-        {k: m.accuracy[k] for k in METHODS},
+        m.accuracy,
         out / "atlas_accuracy.png",
         "Atlas: each method tuned to a task that needs a new attention pattern",
     )
@@ -165,7 +185,7 @@ def render(m: Measured, p: Profile, out: Path) -> Section:
         figures=[
             Figure(
                 "atlas_accuracy.png",
-                "Held-out exact match of each of our six methods tuning the study's 2-layer "
+                "Held-out exact match of each of our methods tuning the study's 2-layer "
                 "sort-ascending base to reversal and paper 01's 1-layer base to sort-descending; "
                 "bars are means over seeds, whiskers min-max, dots single seeds.",
             )
