@@ -76,10 +76,18 @@ class Section:
 
 @dataclass(frozen=True)
 class Experiment:
+    """What ``probe reproduce`` runs: the runs a profile needs, and the report made from them.
+
+    ``default=False`` makes it opt-in: ``probe reproduce`` with no names leaves it out, naming
+    it runs it (``probe reproduce atlas``), and a reproduce of opt-in experiments alone writes
+    its index to ``<names>.md`` instead of the default set's ``README.md``.
+    """
+
     name: str
     title: str
     runs: Callable[[Profile], list[Run]]
     report: Callable[[Store, Profile, Path], Section]
+    default: bool = True
 
 
 def accuracy(store: Store, run: Run, task: str | None = None) -> float:

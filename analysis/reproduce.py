@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from analysis.executors import EXECUTORS, Executor, make_executor
-from analysis.experiments import EXPERIMENTS, register
+from analysis.experiments import EXPERIMENTS, default_names, register
 from analysis.report import PROFILES, Experiment, Section, markdown_table
 from analysis.runs import RunsFailed, Store, run_sweep
 from tasks.sources import add_env_module, import_source
@@ -48,8 +48,9 @@ def reproduce(
     retries: int = 0,
 ) -> Path:
     """Train every unfinished run of the experiments ``names`` (default: those of ``modules``
-    if given, else all built-ins) on ``executor`` (default: a local pool of ``jobs``
-    processes) into ``runs_dir/profile``, then write their figures and the index.
+    if given, else the built-ins but the opt-in ones, ``Experiment.default``) on ``executor``
+    (default: a local pool of ``jobs`` processes) into ``runs_dir/profile``, then write their
+    figures and the index (README.md; ``<names>.md`` for opt-in experiments alone).
 
     If runs fail, the others are still trained and every experiment whose runs all finished
     still gets its figures; the rest are listed as skipped, a summary is printed to stderr and
@@ -61,7 +62,7 @@ def reproduce(
     if unknown:
         raise ValueError(f"unknown experiments {unknown}; choose from {list(EXPERIMENTS)}")
     p = PROFILES[profile]
-    experiments = [EXPERIMENTS[n] for n in names or EXPERIMENTS]
+    experiments = [EXPERIMENTS[n] for n in names or default_names()]
     store = Store(Path(runs_dir) / profile)
     start = time.perf_counter()
     runs = [r for e in experiments for r in e.runs(p)]
@@ -83,7 +84,10 @@ def reproduce(
         else:
             sections.append(e.report(store, p, figures_dir))
     options = [f"--experiments-module {m}" for m in modules]
-    index = write_index(sections, profile, figures_dir, [*names, *options])
+    # Opt-in experiments run on their own keep the default set's README.md (and claims) intact.
+    opt_in = not any(e.default for e in experiments)
+    name = "-".join(e.name for e in experiments) + ".md" if opt_in else "README.md"
+    index = write_index(sections, profile, figures_dir, [*names, *options], name)
     print(
         f"{outcome.trained} runs trained in {trained:.0f} s; figures and tables in "
         f"{figures_dir}/ (index: {index})"
@@ -96,7 +100,10 @@ def reproduce(
     return index
 
 
-def write_index(sections, profile: str, figures_dir: Path, names: list[str] = ()) -> Path:
+def write_index(
+    sections, profile: str, figures_dir: Path, names: list[str] = (), name: str = "README.md"
+) -> Path:
+    """Write the figures' index ``figures_dir/name`` (and, for README.md, claims.md)."""
     command = " ".join(["probe reproduce", *names, f"--profile {profile}"])
     lines = [
         "# Figures and tables",
@@ -111,7 +118,8 @@ def write_index(sections, profile: str, figures_dir: Path, names: list[str] = ()
             ["claim", "experiment", "measured", "verdict"],
             [[c.claim, c.experiment, c.measured, c.verdict] for c in claims],
         )
-        (figures_dir / "claims.md").write_text(f"# Claims ledger\n\n{ledger}\n")
+        if name == "README.md":
+            (figures_dir / "claims.md").write_text(f"# Claims ledger\n\n{ledger}\n")
         lines += ["## Claims ledger", "", ledger, ""]
     for s in sections:
         lines += [f"## {s.title}", "", s.text, ""]
@@ -130,7 +138,7 @@ def write_index(sections, profile: str, figures_dir: Path, names: list[str] = ()
                 f"no network needed): {page.caption}",
                 "",
             ]
-    index = figures_dir / "README.md"
+    index = figures_dir / name
     index.write_text("\n".join(lines))
     return index
 
@@ -182,7 +190,12 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="run the experiments and regenerate figures/")
-    p.add_argument("experiments", nargs="*", help=f"default: all of {list(EXPERIMENTS)}")
+    p.add_argument(
+        "experiments",
+        nargs="*",
+        help=f"default: {default_names()}; opt-in, run only when named: "
+        f"{[n for n in EXPERIMENTS if n not in default_names()]}",
+    )
     p.add_argument("--profile", default="quick", choices=sorted(PROFILES))
     p.add_argument("--device", default="cpu")
     p.add_argument(

@@ -1,11 +1,13 @@
 """Tuning methods as adapters on a frozen base model.
 
-Every adapter changes a base model's forward in at most three ways, all through
+Every adapter changes a base model's forward in at most four ways, all through
 :meth:`Transformer.forward` (run under ``torch.func.functional_call`` for weight changes):
 
     prefix   per-layer key/value positions            -> ``prefix=[KVPrefix, ...]``
     prompt   soft tokens before the content (input)   -> ``prompt=[P, d_model]``
-    weights  replaced base weights (LoRA, full FT)    -> ``functional_call(base, weights, ...)``
+    gated    per-layer gated, separately-softmaxed    -> ``gated=[GatedPrompt, ...]``
+             attention to a prompt (adaption prompt)
+    weights  replaced base weights (LoRA, IA3, full)  -> ``functional_call(base, weights, ...)``
 
 | method       | trains                                            | reaches attention as      |
 |--------------|---------------------------------------------------|---------------------------|
@@ -18,6 +20,10 @@ Every adapter changes a base model's forward in at most three ways, all through
 | lora         | A [d_in, r], B [r, d_out] per chosen matrix       | changed W_Q/K/V/O, MLP    |
 | full         | a copy of every base weight                       | changed everything        |
 | prefix+lora  | both                                              |                           |
+| ia3          | per-channel scales of keys, values [head, d_head] | scaled W_K, W_V (and b_K, |
+|              | and MLP hidden units [d_mlp], per layer           | b_V), W_out rows          |
+| adaption_    | prompt [L, P, d_model] + gate [L, head], top L    | gated prompt attention    |
+| prompt       | layers                                            | (GatedPrompt)             |
 
 Each method's options are a frozen, validated config dataclass (:class:`PrefixConfig`,
 :class:`LoRAConfig`, ...), the adapter's constructor argument: ``LoRA(base, LoRAConfig(rank=4))``,
@@ -39,12 +45,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.func import functional_call
-from transformer_lens import ActivationCache
 
 from probe import io
-from probe.model import KVPrefix, Transformer, environment, eval_mode
+from probe.model import GatedPrompt, KVPrefix, Transformer, environment, eval_mode
+from probe.tuned import Tuned  # noqa: F401 (re-exported: it was defined here)
 
 LORA_TARGETS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
+IA3_TARGETS = ("W_Q", "W_K", "W_V", "W_out")
 
 
 # ---------------------------------------------------------------------------- configs
@@ -186,6 +193,41 @@ class PrefixLoRAConfig(AdapterConfig):
         return LoRAConfig(self.rank, self.targets, self.alpha)
 
 
+@dataclass(frozen=True)
+class IA3Config(AdapterConfig):
+    """IA3's learned scales, each starting at 1: of the output channels of the ``targets`` among
+    W_Q, W_K, W_V ([head, d_head] per layer; their biases scale alike) and of the MLP's hidden
+    units, the input of ``W_out`` ([d_mlp] per layer). The default is IA3's own: keys, values
+    and the MLP."""
+
+    method: ClassVar[str] = "ia3"
+    targets: tuple[str, ...] = ("W_K", "W_V", "W_out")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        bad = [t for t in self.targets if t not in IA3_TARGETS]
+        if bad or not self.targets:
+            raise ValueError(
+                f"IA3 targets {bad or list(self.targets)} unknown; choose from {IA3_TARGETS}"
+            )
+
+
+@dataclass(frozen=True)
+class AdaptionPromptConfig(AdapterConfig):
+    """An adaption prompt (LLaMA-Adapter) of ``length`` P_a vectors in each of the top
+    ``layers`` layers (None: every layer), with one zero-initialised gate per head."""
+
+    method: ClassVar[str] = "adaption_prompt"
+    length: int = 1
+    layers: int | None = None
+
+    def __post_init__(self):
+        _check_length(self.length)
+        L = self.layers
+        if L is not None and (isinstance(L, bool) or not isinstance(L, int) or L < 1):
+            raise ValueError(f"adaption prompt layers must be an int >= 1 or None, got {L!r}")
+
+
 # ---------------------------------------------------------------------------- adapters
 
 
@@ -216,10 +258,14 @@ class Adapter(nn.Module):
     def weights(self, base: Transformer) -> dict[str, Tensor]:
         return {}
 
+    def gated(self, base: Transformer) -> list[GatedPrompt | None] | None:
+        return None
+
     def forward(
         self, base: Transformer, tokens: Int[Tensor, "batch pos"], positions: slice = slice(None)
     ) -> Float[Tensor, "batch position d_vocab"]:
         kwargs = {"prefix": self.prefix(base), "prompt": self.prompt(base), "positions": positions}
+        kwargs["gated"] = self.gated(base)
         weights = self.weights(base)
         if weights:
             return functional_call(base, weights, (tokens,), kwargs, strict=False)
@@ -420,8 +466,110 @@ class PrefixLoRA(Adapter):
         return self.lora.weights(base)
 
 
+class IA3(Adapter):
+    """IA3 (Liu et al.; PEFT's ``IA3Config``): every targeted channel times a learned scale,
+    applied as replaced weights.
+
+    A key scale l [head, d_head] gives keys (x W_K + b_K) * l = x (W_K * l) + b_K * l, so scaling
+    the weight and its bias is the model that scales the activations (PEFT's way); likewise
+    queries and values, and the MLP: (gelu(x W_in + b_in) * l) W_out = gelu(...) (l W_out), l
+    [d_mlp] scaling the rows of W_out. Every scale starts at 1: the base model exactly.
+
+    Under the theorem: a key (or query) scale other than 1 changes the scores q . (k * l), and
+    with them the relative attention, so IA3 on keys re-weights attention; with every key and
+    query scale 1 each pattern is the frozen head's ("attention kept": values and the MLP change
+    what a head outputs, never where it looks), and no bias is added. The same adapter in PEFT:
+    :func:`probe.hf.convert.ia3_to_peft` (exact; PEFT's IA3 on GPT-2 scales c_attn's
+    [q | k | v] outputs, bias included, and the input of mlp.c_proj).
+    """
+
+    Config = IA3Config
+
+    def __init__(self, base: Transformer, config: IA3Config = IA3Config()):
+        super().__init__(base, config)
+        if base.cfg.d_mlp == 0 and "W_out" in config.targets:
+            raise ValueError(
+                "IA3 on W_out scales the MLP's hidden units; this base model is attention-only: "
+                "pass targets without 'W_out'"
+            )
+        self.scales = nn.ParameterDict()
+        for name, W in base.named_parameters():
+            leaf = name.split(".")[-1]
+            if leaf in config.targets:  # W_out [d_mlp, d]: its rows; W_Q/K/V: [head, d_head]
+                shape = W.shape[:1] if leaf == "W_out" else (W.shape[0], W.shape[2])
+                self.scales[name.replace(".", "__")] = nn.Parameter(torch.ones(shape).to(W))
+
+    def weights(self, base):
+        params = dict(base.named_parameters())
+        out = {}
+        for key, scale in self.scales.items():
+            name = key.replace("__", ".")
+            if name.endswith("W_out"):
+                out[name] = scale[:, None] * params[name]
+            else:  # [head, d_model, d_head] and the bias [head, d_head]: blocks.l.attn.b_K
+                bias = f"{name[:-3]}b_{name[-1]}"
+                out[name] = params[name] * scale[:, None, :]
+                out[bias] = params[bias] * scale
+        return out
+
+
+class AdaptionPrompt(Adapter):
+    """Adaption prompt (LLaMA-Adapter; PEFT's ``AdaptionPromptConfig``): in each of the top L
+    layers, P_a learned vectors a_p [d_model] (N(0, 1), the scale of the normalised input the
+    projections read) and a gate g_h per head, starting at 0.
+
+    Derivation. Head h projects the prompt through its own frozen maps, K_a = a W_K,h + b_K,h and
+    V_a = a W_V,h + b_V,h (no ln1, no position, as in PEFT), and each content query q_i attends
+    to them through a softmax of its own, beside the head's unchanged attention:
+
+        beta_ip = softmax_p(q_i . K_a,p / sqrt(e))
+        z_i,h   = sum_{j<=i} A_ij v_j  +  g_h sum_p beta_ip V_a,p,   o_i = sum_h z_i,h W_O,h + b_O
+
+    with A the head's softmax over the content alone, which no prompt key enters. Against the
+    prefix's z_i = (1 - alpha_i) A v + alpha_i beta V_p (one softmax over [prefix; content]),
+    given the layer's input:
+
+    - A is exactly the frozen head's: relative and absolute content attention are unchanged
+      (local drift 0), and the content term keeps weight 1, not 1 - alpha_i;
+    - the added output g_h beta_i V_a,h W_O,h is a bias whose weight is a learned constant of any
+      sign and size, not a query-dependent share in [0, 1]; it lies in span{V_a,p W_O,h}, rank
+      <= P_a per head; g = 0 is the base model exactly.
+
+    :func:`probe.check.check_tuned` checks it at every adapted layer: hook_attn_out - (A v W_O +
+    b_O) == sum_h g_h beta_h V_a,h W_O,h (:func:`probe.classify.gated_decompose`).
+
+    No conversion to PEFT: its adaption prompt on GPT-2 (the one of its architectures ours maps
+    to) adds the mix to the residual stream without the output projection and has one gate per
+    layer, so no setting of it reproduces a mix through W_O with a gate per head.
+    """
+
+    Config = AdaptionPromptConfig
+
+    def __init__(self, base: Transformer, config: AdaptionPromptConfig = AdaptionPromptConfig()):
+        super().__init__(base, config)
+        c = base.cfg
+        L = c.n_layers if config.layers is None else config.layers
+        if L > c.n_layers:
+            raise ValueError(
+                f"adaption prompt layers={L} but the base model has {c.n_layers} layers; "
+                f"pass layers <= {c.n_layers}"
+            )
+        _fits(config.length, c.max_prefix)
+        self.first = c.n_layers - L  # the adapted layers are first..n_layers-1
+        self.vectors = nn.Parameter(torch.randn(L, config.length, c.d_model).to(base.W_E))
+        self.gate = nn.Parameter(torch.zeros(L, c.n_heads).to(base.W_E))
+
+    def gated(self, base):
+        out: list[GatedPrompt | None] = [None] * self.first
+        for block, a, g in zip(base.blocks[self.first :], self.vectors, self.gate, strict=True):
+            keys, values = block.attn.project(a, "kv")  # [P_a, head, d_head] each
+            out.append(GatedPrompt(keys, values, g))
+        return out
+
+
 METHODS: dict[str, type[Adapter]] = {
-    cls.Config.method: cls for cls in (Prefix, VirtualTokenPrefix, Prompt, LoRA, Full, PrefixLoRA)
+    cls.Config.method: cls
+    for cls in (Prefix, VirtualTokenPrefix, Prompt, LoRA, Full, PrefixLoRA, IA3, AdaptionPrompt)
 }
 
 
@@ -514,63 +662,6 @@ def vt_to_prefix(base: Transformer, vectors: Float[Tensor, "layer P d_model"]) -
         (keys,), (values,) = block.attn.project(x, "k"), block.attn.project(x, "v")
         prefix.append(KVPrefix(keys, values))
     return prefix
-
-
-class Tuned(nn.Module):
-    """A frozen base model holding several named adapters, switched per call (PEFT-style).
-
-    ``Tuned(base).add("desc", make_adapter("prefix", base))`` holds one adapter and makes it
-    active; ``tuned(tokens)`` then runs it, ``tuned(tokens, adapter=None)`` runs the base model
-    alone, and ``tuned.use(name)`` switches the active one.
-    """
-
-    def __init__(self, base: Transformer):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.adapters = nn.ModuleDict()
-        self.active: str | None = None
-
-    def add(self, name: str, adapter: Adapter, activate: bool = True) -> Tuned:
-        if adapter.base_cfg != self.base.cfg:
-            raise ValueError(f"adapter {name!r} was built for another model shape")
-        self.adapters[name] = adapter
-        if activate:
-            self.active = name
-        return self
-
-    def use(self, name: str | None) -> Tuned:
-        if name is not None and name not in self.adapters:
-            raise KeyError(f"no adapter {name!r}; have {sorted(self.adapters)}")
-        self.active = name
-        return self
-
-    def remove(self, name: str) -> Adapter:
-        adapter = self.adapters.pop(name)
-        if self.active == name:
-            self.active = None
-        return adapter
-
-    def forward(
-        self,
-        tokens: Int[Tensor, "batch pos"],
-        adapter: str | None = "active",
-        positions: slice = slice(None),
-    ) -> Float[Tensor, "batch position d_vocab"]:
-        name = self.active if adapter == "active" else adapter
-        if name is None:
-            return self.base(tokens, positions=positions)
-        return self.adapters[name](self.base, tokens, positions)
-
-    def run_with_cache(self, tokens, adapter: str | None = "active", **cache_kwargs):
-        """Logits and an ActivationCache of the base model's hooks, run with the adapter.
-
-        Warns once, like :meth:`Transformer.run_with_cache`, if the base is in training mode.
-        """
-        self.base.warn_if_dropout(stacklevel=3)
-        cache, fwd, _ = self.base.get_caching_hooks(**cache_kwargs)
-        with self.base.hooks(fwd_hooks=fwd):
-            logits = self(tokens, adapter)
-        return logits, ActivationCache(cache, self.base)
 
 
 def _as_matrix(name: str, W: Tensor) -> Tensor:

@@ -217,6 +217,45 @@ def build_atlas(
     return [atlas_cell(m, a, seed) for m in methods for a in archs]
 
 
+# Our own adapters (probe.adapters) on a random model of ours: label -> (method, options).
+OWN_METHODS = {
+    "prefix": ("prefix", {"length": _P}),
+    "vt-prefix": ("vt-prefix", {"length": _P}),
+    "prompt": ("prompt", {"length": _P}),
+    "adaption_prompt": ("adaption_prompt", {"length": _P}),
+    "lora (Q,K)": ("lora", {"rank": 2, "targets": ("W_Q", "W_K")}),
+    "lora (V)": ("lora", {"rank": 2, "targets": ("W_V",)}),
+    "prefix+lora": ("prefix+lora", {"length": _P, "rank": 2, "targets": ("W_Q", "W_V")}),
+    "ia3 (K,V,MLP)": ("ia3", {}),
+    "ia3 (V,MLP)": ("ia3", {"targets": ("W_V", "W_out")}),
+    "full": ("full", {}),
+}
+
+
+def own_cell(label: str, seed: int = 0, batch: int = 4, T: int = 8) -> AtlasCell:
+    """One of our adapters (:data:`OWN_METHODS`) on a random float64 ``tiny`` model of ours,
+    every trained tensor moved by 0.1 N(0, 1) (LoRA's B, the gates, IA3's scales off their
+    start), checked with :func:`probe.check.check_tuned` and classified; ``verified`` is the
+    class's own identity holding (there is no PEFT forward to compare with)."""
+    from probe.adapters import make_adapter
+    from probe.check import check_tuned
+    from probe.model import Transformer, preset
+
+    if label not in OWN_METHODS:
+        raise ValueError(f"unknown method {label!r}; choose from {list(OWN_METHODS)}")
+    method, options = OWN_METHODS[label]
+    torch.manual_seed(seed)
+    base = Transformer(preset("tiny", dropout=0.0)).double()
+    adapter = make_adapter(method, base, **options)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, base.cfg.d_vocab, (batch, T), generator=g)
+    c = check_tuned(base, adapter, tokens).classify()
+    return AtlasCell(label, "ours (tiny)", c.name, c.max_drift, c.bias_rank, c.identity_ok)
+
+
 def render_atlas(cells: list[AtlasCell], seconds: float | None = None) -> str:
     """The atlas as markdown: a class grid (method x architecture), the measured table, and the
     derivation behind each class."""
@@ -278,8 +317,10 @@ __all__ = [
     "ARCHS",
     "AtlasCell",
     "METHODS",
+    "OWN_METHODS",
     "atlas_cell",
     "build_atlas",
+    "own_cell",
     "render_atlas",
     "tiny_model",
     "unit_key_scales",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from einops import einsum
 from jaxtyping import Int
 from torch import Tensor, nn
 
@@ -51,8 +52,10 @@ def check_tuned(
     if not isinstance(base, Transformer):
         how = "tuned_model" if isinstance(tuned, nn.Module) else "prefix"
         return hf.check_hf(base, tokens, **{how: tuned}, tol_factor=tol_factor)
-    records, base_records, expected = tuned_records(base, tuned, tokens)
-    return probes.check_theorem(records, base_records, expected, tol_factor)
+    records, base_records, expected, gated = _tuned_run(base, tuned, tokens, tol_factor)
+    result = probes.check_theorem(records, base_records, expected, tol_factor)
+    result.gated = gated
+    return result
 
 
 @torch.no_grad()
@@ -61,15 +64,23 @@ def tuned_records(
 ) -> tuple[list[probes.AttentionRecord], list[probes.AttentionRecord], list[bool]]:
     """What :func:`check_tuned` checks on our Transformer: (the tuned run's records, the base
     run's records, per layer whether the identities are expected), so that
-    ``probes.check_theorem(*tuned_records(base, tuned, tokens))`` is the check; for a view of
-    the patterns behind it (``probe.view``). Arguments as for :func:`check_tuned`."""
+    ``probes.check_theorem(*tuned_records(base, tuned, tokens))`` is the check (less an
+    adaption prompt's gated-bias identity); for a view of the patterns behind it
+    (``probe.view``). Arguments as for :func:`check_tuned`."""
+    return _tuned_run(base, tuned, tokens)[:3]
+
+
+def _tuned_run(base, tuned, tokens, tol_factor: float = 16.0):
+    """:func:`tuned_records`' three, and per layer the gated-bias identity of an adapter with
+    an adaption prompt (``probe.classify.GatedBias``, None for a layer without one; None for
+    every other tuning)."""
     from probe.adapters import Adapter, Tuned
     from probe.model import Transformer, eval_mode
 
     if not isinstance(base, Transformer):
         raise ValueError("tuned_records takes our Transformer; for an HF model use hf.hf_records")
     dtype = base.W_E.dtype
-    weights, prompt_len = {}, 0  # the tuned model's changed weights; soft prompt length
+    weights, prompt_len, gated = {}, 0, None  # changed weights; soft prompt length; GatedPrompts
     with eval_mode(base, *([tuned] if isinstance(tuned, nn.Module) else [])):
         _, base_cache = base.run_with_cache(tokens)
         if isinstance(tuned, Adapter):
@@ -77,6 +88,7 @@ def tuned_records(
             _, cache = Tuned(base).add("adapter", adapter).run_with_cache(tokens)
             weights, prompt = adapter.weights(base), adapter.prompt(base)
             prompt_len = 0 if prompt is None else prompt.shape[-2]
+            gated = adapter.gated(base)
         elif isinstance(tuned, Transformer):
             if tuned.cfg != base.cfg:
                 raise ValueError("the fine-tuned model has another shape than the base model")
@@ -89,7 +101,41 @@ def tuned_records(
     expected = probes.identities_expected(
         [r.P for r in records], probes.frozen_head_layers(base, weights)
     )
-    return records, probes.records_from_cache(base, base_cache), expected
+    gated_checks = None
+    if gated is not None:
+        b_O = [weights.get(f"blocks.{i}.attn.b_O", b.attn.b_O) for i, b in enumerate(base.blocks)]
+        gated_checks = [
+            None if g is None else _gated_check(cache, layer, g, W_O[layer], b_O[layer], tol_factor)
+            for layer, g in enumerate(gated)
+        ]
+    return records, probes.records_from_cache(base, base_cache), expected, gated_checks
+
+
+def _gated_check(cache, layer: int, gated, W_O: Tensor, b_O: Tensor, tol_factor: float):
+    """The gated-bias identity at ``layer``: what the adapted attention output holds beyond
+    the head's own content attention, ``hook_attn_out - (A v W_O + b_O)`` with A the recorded
+    content pattern, against ``sum_h g_h beta_h V_a,h W_O,h`` (``AdaptionPrompt``'s docstring).
+    W_O [H, e, d], b_O [d]: the tuned model's. For an adaption prompt alone: with a prefix or a
+    soft prompt in the same run their columns would join A (no adapter here combines them).
+    """
+    from probe.classify import gated_decompose
+
+    name = f"blocks.{layer}.attn."
+    own = einsum(
+        cache[name + "hook_pattern"], cache[name + "hook_v"], "b h q k, b k h e -> b q h e"
+    )
+    added = cache[f"blocks.{layer}.hook_attn_out"] - (own.flatten(-2) @ W_O.flatten(0, 1) + b_O)
+    return gated_decompose(
+        cache[name + "hook_q"],
+        gated.keys,
+        gated.values,
+        gated.gate.detach(),
+        W_O.detach(),
+        None,
+        added,
+        layer=layer,
+        tol_factor=tol_factor,
+    )
 
 
 __all__ = ["check_tuned", "tuned_records"]

@@ -56,7 +56,8 @@ DERIVATIONS = {
 class GatedBias:
     """The gated-bias identity of one adapted layer (see :func:`gated_decompose`).
 
-    gate: the layer's gate g; P_a: adapter tokens.
+    gate: the layer's gate g (with a gate per head, ours, the one of largest magnitude);
+    gates: [H] the gate of each head; P_a: adapter tokens.
     beta:     [b, H, T, P_a]  softmax over the adapter scores alone
     bias_out: [b, T, H, d]    g beta V_a W_A per head, in the residual stream
     error: max |added - sum_h bias_out_h - b_A| over inputs, positions and d; tol: its tolerance
@@ -71,6 +72,7 @@ class GatedBias:
     error: float
     tol: float
     rank: Int[Tensor, " H"]
+    gates: Float[Tensor, " H"] | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,7 +84,7 @@ def gated_decompose(
     q: Float[Tensor, "b T H e"],
     k_a: Float[Tensor, "Pa H e"],
     v_a: Float[Tensor, "Pa H e"],
-    gate: float,
+    gate: float | Float[Tensor, " H"],
     W_A: Float[Tensor, "H e d"],
     b_A: Float[Tensor, " d"] | None,
     added: Float[Tensor, "b T d"],
@@ -101,7 +103,8 @@ def gated_decompose(
 
         beta_ip = softmax_p(q_i . K_a,p / sqrt(e)),
 
-    weighted by a learned scalar gate g (zero-initialised). The layer's output is
+    weighted by a learned scalar gate g (zero-initialised; ours, ``probe.adapters.AdaptionPrompt``,
+    has one per head, g_h, and maps through W_O). The layer's output is
 
         o_i = sum_h (sum_{j<=i} A_ij v_j)_h W_O,h + b_O  +  g sum_h (sum_p beta_ip V_a,p)_h W_A,h
 
@@ -118,6 +121,7 @@ def gated_decompose(
       negative or exceed 1; g = 0 gives the base model exactly;
     - the added output g beta_i V_a W_A lies in span{V_a,p W_A,h}: rank <= P_a per head.
 
+    gate: one float for the layer (PEFT) or [H], one per head (ours).
     softmax_dtype: the dtype the adapter's softmax ran in (PEFT's: float32 whatever the model's
     dtype); its eps sets the tolerance, since the weights beta carry that rounding. The formula
     itself is evaluated in q's dtype (float64 for the tightest check).
@@ -126,7 +130,8 @@ def gated_decompose(
     s = einsum(q, k_a, "b t h e, p h e -> b h t p") / math.sqrt(e)
     beta = s.softmax(-1)
     mix = einsum(beta, v_a, "b h t p, p h e -> b t h e")
-    bias_out = gate * einsum(mix, W_A, "b t h e, h e d -> b t h d")
+    gates = torch.as_tensor(gate, dtype=q.dtype, device=q.device).expand(q.shape[2])
+    bias_out = gates[:, None] * einsum(mix, W_A, "b t h e, h e d -> b t h d")
     predicted = bias_out.sum(2) + (0 if b_A is None else b_A)
     error = (added - predicted).abs().max().item()
     # beta's rounding (as in probes.tolerances, at the softmax's precision) through the mix and
@@ -135,20 +140,22 @@ def gated_decompose(
     S = q.norm(dim=-1).max().item() * k_a.norm(dim=-1).max().item() / math.sqrt(e)
     w_tol = tol_factor * eps * (1 + math.sqrt(e) * S + math.sqrt(k_a.shape[0]))
     w_norm = W_A.abs().sum((0, 1)).max().item()  # the largest output coordinate's row sum
-    tol = w_tol * abs(gate) * max(1.0, v_a.abs().max().item()) * max(1.0, w_norm)
+    g_max = gates.abs().max().item()
+    tol = w_tol * g_max * max(1.0, v_a.abs().max().item()) * max(1.0, w_norm)
     tol += tol_factor * torch.finfo(q.dtype).eps * max(1.0, added.abs().max().item())
     rows = bias_out.permute(2, 0, 1, 3).flatten(1, 2)  # [H, b T, d]
     sv = torch.linalg.svdvals(rows)
     sv_tol = max(rows.shape[1:]) * torch.finfo(q.dtype).eps * sv[:, :1].clamp_min(1e-300)
     return GatedBias(
         layer=layer,
-        gate=float(gate),
+        gate=gates[gates.abs().argmax()].item() if isinstance(gate, Tensor) else float(gate),
         P_a=k_a.shape[0],
         beta=beta,
         bias_out=bias_out,
         error=error,
         tol=tol,
         rank=(sv > sv_tol).sum(-1),
+        gates=gates.clone(),
     )
 
 

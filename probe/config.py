@@ -1,10 +1,11 @@
 """What every layer shares about a model and a prefix, without the model itself.
 
-:class:`ModelConfig` (a model's shape, validated when built), the paper's :data:`PRESETS` and
-:class:`KVPrefix` (one layer's key/value prefix). They live apart from :mod:`probe.model` so
-that probing a Hugging Face model (:mod:`probe.hf`, ``probe check-theorem --base HF_DIR``)
-imports neither our model nor transformer-lens: it uses neither, and importing them slows its
-start-up. :mod:`probe.model` and :mod:`probe` export them too.
+:class:`ModelConfig` (a model's shape, validated when built), the paper's :data:`PRESETS`,
+:class:`KVPrefix` (one layer's key/value prefix) and :class:`GatedPrompt` (one layer's gated
+adaption prompt). They live apart from :mod:`probe.model` so that probing a Hugging Face model
+(:mod:`probe.hf`, ``probe check-theorem --base HF_DIR``) imports neither our model nor
+transformer-lens: it uses neither, and importing them slows its start-up. :mod:`probe.model`
+and :mod:`probe` export them too.
 """
 
 from __future__ import annotations
@@ -103,6 +104,23 @@ class KVPrefix(NamedTuple):
 
     keys: Tensor
     values: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[-3]
+
+
+class GatedPrompt(NamedTuple):
+    """One layer's adaption prompt (LLaMA-Adapter): P_a key and value positions per head that
+    every content query attends to through a softmax of their own, the result scaled per head
+    by ``gate`` and added to the head's output (``probe.adapters.AdaptionPrompt``).
+
+    keys, values: [P_a, n_heads, d_head]; gate: [n_heads].
+    """
+
+    keys: Tensor
+    values: Tensor
+    gate: Tensor
 
     @property
     def length(self) -> int:

@@ -12,10 +12,12 @@ Readable in one sitting (after nanoGPT), with TransformerLens's hook names and w
     blocks.{l}.attn.hook_z                            [batch, pos, head, d_head]
     blocks.{l}.mlp.hook_pre / hook_post               [batch, pos, d_mlp]
 
-The one mechanism every tuning method reduces to is the per-layer prefix: P extra key/value
-positions per head, placed before the content keys. Prefix positions take no positional slot, so
-content positions stay 0..T-1 and layer 0's content queries, keys and values are identical with
-and without a prefix; from layer 1 on they differ, since the prefix changed the layers below.
+The one mechanism every prefix-like tuning method reduces to is the per-layer prefix: P extra
+key/value positions per head, placed before the content keys (the other way in is ``gated=``,
+an adaption prompt's separately-softmaxed, gated attention: :class:`GatedPrompt`). Prefix
+positions take no positional slot, so content positions stay 0..T-1 and layer 0's content
+queries, keys and values are identical with and without a prefix; from layer 1 on they differ,
+since the prefix changed the layers below.
 
 Modes: a model is built and loaded in eval mode (no dropout), ready to be probed; the training
 loop (:func:`probe.train.train`) puts what it trains in training mode while it steps and back in
@@ -45,6 +47,7 @@ from transformer_lens.hook_points import HookPoint
 from probe import io
 from probe.config import (  # noqa: F401 (re-exported)
     PRESETS,
+    GatedPrompt,
     KVPrefix,
     ModelConfig,
     eval_mode,
@@ -106,8 +109,10 @@ class Attention(nn.Module):
         x: Float[Tensor, "batch pos d_model"],
         prefix: KVPrefix | None = None,
         queries: slice = slice(None),
+        gated: GatedPrompt | None = None,
     ) -> Float[Tensor, "batch query d_model"]:
-        """Attention output at the ``queries`` positions of ``x`` (default: all of them)."""
+        """Attention output at the ``queries`` positions of ``x`` (default: all of them); a
+        ``gated`` prompt adds its gated mix to each head's output before W_O (in ``hook_z``)."""
         batch, T, _ = x.shape
         q, k, v = self.project(x)
         q, k, v = self.hook_q(q[:, queries]), self.hook_k(k), self.hook_v(v)
@@ -131,8 +136,18 @@ class Attention(nn.Module):
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed, p_drop
             ).transpose(1, 2)
+        if gated is not None:
+            z = z + gated_mix(q, gated)
         z = self.hook_z(z)
         return _linear(z.flatten(-2), self.W_O.flatten(0, 1), self.b_O)  # sum over h and e
+
+
+def gated_mix(q: Float[Tensor, "b q h e"], gated: GatedPrompt) -> Float[Tensor, "b q h e"]:
+    """An adaption prompt's contribution to each head's output: gate_h softmax_p(q . K_a,p /
+    sqrt(e)) V_a,p, a softmax over the prompt alone (``probe.adapters.AdaptionPrompt``)."""
+    s = einsum(q, gated.keys, "b q h e, p h e -> b h q p") / math.sqrt(q.shape[-1])
+    mix = einsum(s.softmax(dim=-1), gated.values, "b h q p, p h e -> b q h e")
+    return gated.gate[:, None] * mix
 
 
 def _linear(x: Float[Tensor, "... d_in"], W: Float[Tensor, "d_in d_out"], b: Tensor) -> Tensor:
@@ -178,10 +193,11 @@ class Block(nn.Module):
         x: Float[Tensor, "batch pos d_model"],
         prefix: KVPrefix | None = None,
         queries: slice = slice(None),
+        gated: GatedPrompt | None = None,
     ) -> Float[Tensor, "batch query d_model"]:
         """The residual stream after this block at the ``queries`` positions (default: all)."""
         x = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix, queries)))
+        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln1(x), prefix, queries, gated)))
         x = self.hook_resid_mid(x[:, queries] + attn_out)
         if self.mlp is not None:
             x = x + self.hook_mlp_out(self.drop(self.mlp(self.ln2(x))))
@@ -195,7 +211,8 @@ class Transformer(HookedRootModule):
     tokens. ``prefix`` is a per-layer list of :class:`KVPrefix` (or None for a layer without one);
     ``prompt`` is a soft prompt [P, d_model] (or [batch, P, d_model]) prepended to the embedded
     content at the input only, taking no positional slot; with a prompt, residual-stream hooks
-    have P + T positions, prompt first, and only the content's logits are returned.
+    have P + T positions, prompt first, and only the content's logits are returned. ``gated``
+    is a per-layer list of :class:`GatedPrompt` (or None), an adaption prompt's gated attention.
     ``positions=slice(a, b)`` returns only content positions a..b-1 and skips the last layer's
     work elsewhere (that layer's hooks after its keys and values then see only those positions).
 
@@ -234,8 +251,9 @@ class Transformer(HookedRootModule):
         prefix: Sequence[KVPrefix | None] | None = None,
         prompt: Float[Tensor, "... P d_model"] | None = None,
         positions: slice = slice(None),
+        gated: Sequence[GatedPrompt | None] | None = None,
     ) -> Float[Tensor, "batch position d_vocab"]:
-        self.check_inputs(tokens, prefix, prompt, positions)
+        self.check_inputs(tokens, prefix, prompt, positions, gated)
         batch, T = tokens.shape
         x = self.hook_embed(F.embedding(tokens, self.W_E)) + self.hook_pos_embed(self.W_pos[:T])
         P = 0
@@ -251,10 +269,11 @@ class Transformer(HookedRootModule):
         last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             queries = cut if layer == last else slice(None)
-            x = block(x, prefix[layer] if prefix is not None else None, queries)
+            g = gated[layer] if gated is not None else None
+            x = block(x, prefix[layer] if prefix is not None else None, queries, g)
         return self.ln_final(x if cut != slice(None) else x[:, P:]) @ self.W_U
 
-    def check_inputs(self, tokens, prefix, prompt, positions=slice(None)):
+    def check_inputs(self, tokens, prefix, prompt, positions=slice(None), gated=None):
         """Raise a ValueError naming the field and the fix for any input the model cannot take."""
         cfg = self.cfg
         if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
@@ -296,6 +315,8 @@ class Transformer(HookedRootModule):
                         f"prefix[{layer}] has P={p.length} positions, more than "
                         f"max_prefix={cfg.max_prefix}; use a shorter prefix or raise max_prefix"
                     )
+        if gated is not None:
+            self._check_gated(gated)
         if not isinstance(positions, slice) or positions.step not in (None, 1):
             raise ValueError(
                 f"positions must be a contiguous slice such as slice(9, None); got {positions!r}"
@@ -310,6 +331,33 @@ class Transformer(HookedRootModule):
                 raise ValueError(
                     f"prompt has P={prompt.shape[-2]} positions, more than "
                     f"max_prefix={cfg.max_prefix}; shorten it or raise max_prefix"
+                )
+
+    def _check_gated(self, gated: Sequence[GatedPrompt | None]) -> None:
+        cfg = self.cfg
+        if len(gated) != cfg.n_layers:
+            raise ValueError(
+                f"gated must have one entry per layer ({cfg.n_layers}), got {len(gated)}; "
+                "use None for layers without an adaption prompt"
+            )
+        want = (cfg.n_heads, cfg.d_head)
+        for layer, g in enumerate(gated):
+            if g is None:
+                continue
+            if (
+                g.keys.ndim != 3
+                or tuple(g.keys.shape[1:]) != want
+                or g.values.shape != g.keys.shape
+            ):
+                raise ValueError(
+                    f"gated[{layer}]: keys {tuple(g.keys.shape)} and values "
+                    f"{tuple(g.values.shape)} must both be [P_a, n_heads={want[0]}, "
+                    f"d_head={want[1]}]"
+                )
+            if tuple(g.gate.shape) != (cfg.n_heads,):
+                raise ValueError(
+                    f"gated[{layer}]: gate has shape {tuple(g.gate.shape)}; expected one gate "
+                    f"per head, [n_heads={cfg.n_heads}]"
                 )
 
     def run_with_cache(self, *args, **kwargs) -> tuple[Tensor, ActivationCache]:

@@ -119,6 +119,9 @@ def pretrain(task: Task, model, cfg: TrainConfig):
 # updates start small; on sort_asc -> reverse, rank 4 on W_Q/K/V/O reached 0 / 14 / 93% in 300
 # steps at 3e-3 / 1e-2 / 3e-2 (figures/recipes.md). prefix+lora takes LoRA's rate (chosen).
 # Full fine-tuning's 1e-3 is chosen (the sweeps show 1e-4..1e-2 all reach 100% on add1).
+# IA3 and the adaption prompt: the lowest final training loss of 1e-2, 3e-2, 1e-1 (and 3e-1,
+# no better for the prompt, barely for IA3) on the study's sort_asc -> reverse at its 400-step
+# budget (docs/benchmarks.md, "IA3 and adaption prompt learning rates").
 DEFAULT_LR = {
     "prefix": 1e-1,
     "vt-prefix": 1e-1,
@@ -126,6 +129,8 @@ DEFAULT_LR = {
     "lora": 3e-2,
     "full": 1e-3,
     "prefix+lora": 3e-2,
+    "ia3": 1e-1,
+    "adaption_prompt": 1e-1,
 }
 
 # Adapters train without weight decay. AdamW's decoupled decay pulls every trained weight
@@ -140,6 +145,8 @@ DEFAULT_WEIGHT_DECAY = {
     "lora": 0.0,
     "full": PRETRAIN_WEIGHT_DECAY,
     "prefix+lora": 0.0,
+    "ia3": 0.0,  # decay would pull the scales towards 0, not towards their start, 1
+    "adaption_prompt": 0.0,
 }
 
 

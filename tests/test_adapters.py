@@ -34,6 +34,8 @@ OPTIONS = {
     "lora": dict(rank=2, targets=["W_Q", "W_K", "W_V", "W_O", "W_in", "W_out"]),
     "full": {},
     "prefix+lora": dict(length=3, rank=2, targets=["W_Q", "W_V"]),
+    "ia3": dict(targets=["W_Q", "W_K", "W_V", "W_out"]),
+    "adaption_prompt": dict(length=3, layers=1),
 }
 
 
@@ -81,6 +83,8 @@ def expected_count(method, cfg: ModelConfig) -> int:
         "lora": lora(OPTIONS["lora"]["targets"]),
         "full": base_total,
         "prefix+lora": L * 2 * P * h * e + lora(["W_Q", "W_V"]),
+        "ia3": L * (3 * h * e + m),
+        "adaption_prompt": 1 * (P * d + h),  # the top layer only
     }[method]
 
 
@@ -122,6 +126,8 @@ OLD_HPARAMS = {
     "lora": {"rank": 2, "targets": OPTIONS["lora"]["targets"], "alpha": 2.0},
     "full": {},
     "prefix+lora": {"length": 3, "rank": 2, "targets": ["W_Q", "W_V"], "alpha": 2.0},
+    "ia3": {"targets": OPTIONS["ia3"]["targets"]},
+    "adaption_prompt": {"length": 3, "layers": 1},
 }
 
 

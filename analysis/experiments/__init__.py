@@ -1,6 +1,8 @@
-"""The registry of experiments that ``probe reproduce`` runs, in report order."""
+"""The registry of experiments that ``probe reproduce`` runs, in report order; those with
+``default=False`` (the PEFT atlas) only when named."""
 
 from analysis.experiments import (
+    atlas,
     capacity,
     constructions,
     ledger,
@@ -28,8 +30,14 @@ EXPERIMENTS = {
         prefix_spread.EXPERIMENT,
         sweeps.EXPERIMENT,
         ledger.EXPERIMENT,
+        atlas.EXPERIMENT,
     )
 }
+
+
+def default_names() -> list[str]:
+    """The experiments ``probe reproduce`` runs when given no names: all but the opt-in ones."""
+    return [name for name, e in EXPERIMENTS.items() if e.default]
 
 
 def register(experiment):
