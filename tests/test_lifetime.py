@@ -75,7 +75,8 @@ if __name__ == "__main__":
     runs = [Run("copy", preset="tiny", steps=int(sys.argv[2]), seed=s) for s in range(2)]
     print(run_all(runs, Store(sys.argv[1]), executor=RayExecutor(num_cpus=2)))
 """
-RAY_RUNS = [Run("copy", preset="tiny", steps=100, seed=s) for s in range(2)]
+# Long enough that a run claimed when the driver is killed is still training when Ray ends it.
+RAY_RUNS = [Run("copy", preset="tiny", steps=250, seed=s) for s in range(2)]
 # Ray's per-node agents: once their raylet is gone they exit, but first spend Ray's 60 s timeout
 # reporting its death to the GCS, which died too. They train nothing and hold nothing of the store.
 RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
