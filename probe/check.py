@@ -16,6 +16,7 @@ import torch
 from einops import einsum
 from jaxtyping import Int
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from probe import hf, probes
 from probe.config import KVPrefix
@@ -124,7 +125,10 @@ def _gated_check(cache, layer: int, gated, W_O: Tensor, b_O: Tensor, tol_factor:
     own = einsum(
         cache[name + "hook_pattern"], cache[name + "hook_v"], "b h q k, b k h e -> b q h e"
     )
-    added = cache[f"blocks.{layer}.hook_attn_out"] - (own.flatten(-2) @ W_O.flatten(0, 1) + b_O)
+    # The bias inside the matmul, as the model adds it: a separate add rounds differently on
+    # some CPUs, and g = 0 must give exactly nothing added.
+    content_out = F.linear(own.flatten(-2), W_O.flatten(0, 1).T, b_O)
+    added = cache[f"blocks.{layer}.hook_attn_out"] - content_out
     return gated_decompose(
         cache[name + "hook_q"],
         gated.keys,
