@@ -142,12 +142,15 @@ class PromptConfig(AdapterConfig):
 @dataclass(frozen=True)
 class LoRAConfig(AdapterConfig):
     """Rank-``rank`` updates (alpha / rank) A B of the ``targets`` matrices of every layer;
-    ``alpha`` defaults to ``rank`` (a scale of 1) and is stored resolved."""
+    ``alpha`` defaults to ``rank`` (a scale of 1) and is stored resolved. ``init`` "random"
+    (A random, B zero) or "pissa" (A B starts as the matrix's top-``rank`` singular part, which
+    the frozen weight gives up, so training still starts at the base model)."""
 
     method: ClassVar[str] = "lora"
     rank: int = 1
     targets: tuple[str, ...] = ("W_Q", "W_V")
     alpha: float | None = None
+    init: str = "random"
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -158,6 +161,8 @@ class LoRAConfig(AdapterConfig):
             )
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRA rank must be an int >= 1, got {self.rank!r}")
+        if self.init not in ("random", "pissa"):
+            raise ValueError(f"LoRA init must be 'random' or 'pissa', got {self.init!r}")
         object.__setattr__(self, "alpha", float(self.rank if self.alpha is None else self.alpha))
 
 
@@ -394,7 +399,8 @@ class LoRA(Adapter):
 
     Each attention weight [head, d_model, d_head] is treated as one d_model x (head*d_head)
     matrix (W_O as (head*d_head) x d_model), so rank r means rank r across heads, as in PEFT.
-    A starts random and B at zero, so training starts at the base model.
+    A starts random and B at zero, so training starts at the base model; ``init="pissa"`` starts
+    A B at the matrix's top-r singular part and subtracts that part (buffer ``start``) instead.
     """
 
     Config = LoRAConfig
@@ -404,11 +410,21 @@ class LoRA(Adapter):
         if base.cfg.d_mlp == 0 and {"W_in", "W_out"} & set(config.targets):
             raise ValueError("LoRA on W_in/W_out needs an MLP; this base model is attention-only")
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        scale = config.alpha / config.rank
         for name, W in self._targeted(base):
-            d_in, d_out = _as_matrix(name, W).shape
+            M = _as_matrix(name, W).detach()
+            d_in, d_out = M.shape
             key = name.replace(".", "__")
-            self.A[key] = nn.Parameter(torch.randn(d_in, config.rank).to(W) / math.sqrt(d_in))
-            self.B[key] = nn.Parameter(torch.zeros(config.rank, d_out).to(W))
+            if config.init == "pissa":
+                # Split each singular value between A and B, so that both start at one scale.
+                U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+                root = (S[: config.rank] / scale).sqrt()
+                A, B = (U[:, : config.rank] * root).to(W), (root[:, None] * Vh[: config.rank]).to(W)
+                self.register_buffer(f"start__{key}", scale * (A @ B))
+            else:
+                A = torch.randn(d_in, config.rank).to(W) / math.sqrt(d_in)
+                B = torch.zeros(config.rank, d_out).to(W)
+            self.A[key], self.B[key] = nn.Parameter(A), nn.Parameter(B)
 
     def _targeted(self, base):
         leaves = self.config.targets
@@ -420,6 +436,8 @@ class LoRA(Adapter):
         for name, W in self._targeted(base):
             key = name.replace(".", "__")
             delta = scale * (self.A[key] @ self.B[key])
+            if self.config.init == "pissa":
+                delta = delta - getattr(self, f"start__{key}")
             out[name] = W + _from_matrix(name, delta, W.shape)
         return out
 
