@@ -40,12 +40,14 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (AdamW, linear warm-up then cosine decay to 10%)."""
+    """Optimisation settings (AdamW, linear warm-up, then ``schedule``: "cosine" decays to 10%
+    of ``lr`` by the last step, "constant" holds ``lr``)."""
 
     steps: int = 1000
     lr: float = PRETRAIN_LR
     batch_size: int = 64
     warmup: int = 50
+    schedule: str = "cosine"
     weight_decay: float = PRETRAIN_WEIGHT_DECAY
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -68,6 +70,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.train_size must be >= 1 or None, got {self.train_size}")
         if self.warmup < 0:
             raise ValueError(f"TrainConfig.warmup must be >= 0, got {self.warmup}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"TrainConfig.schedule must be 'cosine' or 'constant', got {self.schedule!r}"
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ValueError(
                 f"TrainConfig.target_accuracy is a fraction in (0, 1], got {self.target_accuracy}"
@@ -76,6 +84,8 @@ class TrainConfig:
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
         progress = (step - self.warmup) / max(1, self.steps - self.warmup)
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 

@@ -155,6 +155,20 @@ def test_train_config_validation():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="target_accuracy"):
         TrainConfig(target_accuracy=90)
+    with pytest.raises(ValueError, match="schedule must be 'cosine' or 'constant'"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        TrainConfig(betas=(0.9, 1.0))
+
+
+def test_learning_rate_warms_up_then_decays_or_holds():
+    cosine = TrainConfig(steps=100, lr=1.0, warmup=10)
+    constant = TrainConfig(steps=100, lr=1.0, warmup=10, schedule="constant")
+    for cfg in (cosine, constant):
+        assert [cfg.lr_at(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert cosine.lr_at(10) == 1.0 and cosine.lr_at(55) == pytest.approx(0.55)
+    assert cosine.lr_at(100) == pytest.approx(0.1)
+    assert {constant.lr_at(s) for s in range(10, 100)} == {1.0}
 
 
 def test_evaluate_given_scores_only_the_tokens_after_those_given():
