@@ -97,12 +97,16 @@ class Run:
     weight_decay: float | None = (
         None  # None -> DEFAULT_WEIGHT_DECAY[method] or PRETRAIN_WEIGHT_DECAY
     )
+    betas: tuple[float, float] | None = None  # Adam's (beta1, beta2); None -> TrainConfig's
+    schedule: str | None = None  # after the warm-up; None -> TrainConfig's (cosine)
 
     def __post_init__(self):
         if (self.method is None) != (self.base is None):
             raise ValueError("a Run pretrains (no method, no base) or tunes (method and base)")
         for name in ("model", "options"):
             object.__setattr__(self, name, _pairs(getattr(self, name)))
+        if self.betas is not None:
+            object.__setattr__(self, "betas", tuple(self.betas))
         get_task(self.task)  # fail at spec time on an unknown task
         for name in self.eval_tasks:
             get_task(name)
@@ -127,6 +131,9 @@ class Run:
         d["weight_decay"] = self.effective_weight_decay
         if d["weight_decay"] == LEGACY_WEIGHT_DECAY:
             del d["weight_decay"]
+        for name in ("betas", "schedule"):  # likewise: keys from before these fields
+            if d[name] is None:
+                del d[name]
         return d
 
     @property
@@ -143,6 +150,21 @@ class Run:
     def key(self) -> str:
         text = json.dumps(self.spec(), sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def work(self) -> int:
+        """Training work in multiply-adds, roughly: tokens seen x the model's weights used per
+        token (its base's model for a tuning run). For ordering runs, not for timing them."""
+        root = self
+        while root.base is not None:
+            root = root.base
+        tokens = self.steps * self.batch_size * get_task(self.task).seq_len
+        try:
+            cfg = preset(root.preset, **dict(root.model))
+        except (TypeError, ValueError):  # it fails when it trains, where its error is recorded
+            return tokens
+        d, d_mlp = cfg.d_model, cfg.d_mlp or 4 * cfg.d_model
+        return tokens * (cfg.n_layers * (4 * d * d + 2 * d * d_mlp) + d * cfg.d_vocab)
 
     @property
     def label(self) -> str:
@@ -164,6 +186,8 @@ class Run:
             eval_size=CURVE_SEQUENCES,
             eval_given=self.eval_given,
             train_size=self.train_size,
+            **({"betas": self.betas} if self.betas is not None else {}),
+            **({"schedule": self.schedule} if self.schedule is not None else {}),
         )
 
 

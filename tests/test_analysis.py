@@ -18,10 +18,11 @@ import pytest
 from helpers import store_bytes, without_seconds
 
 from analysis import report
+from analysis.executors import LocalExecutor
 from analysis.experiments import EXPERIMENTS, ledger
 from analysis.report import PROFILES
 from analysis.reproduce import reproduce
-from analysis.runs import RUN_THREADS, Run, Store, execute, run_all, variant
+from analysis.runs import RUN_THREADS, Run, Store, execute, run_all, run_sweep, variant
 from prefix_probe.cli import main
 from probe import io, train
 
@@ -53,7 +54,8 @@ def test_run_key_is_stable_across_processes():
 # The keys of the quick profile's experiments (every run and the base runs they need, as the
 # store names their directories). Existing stores must keep hitting their cached results, so a
 # change here retrains: make it only on purpose (a new recipe), never as a side effect of a
-# change to Run.spec(). Last changed: shorter budgets where the curves are flat, 04's batch-256 LoRA.
+# change to Run.spec(). Last changed: shorter budgets where the curves are flat, 04's batch-256
+# LoRA.
 QUICK_KEYS = {
     "paper01": "a4b2f08c595f6d3c",
     "paper02": "3574e60d39f621a3",
@@ -118,6 +120,8 @@ CHANGES = {
     "warmup": 10,
     "eval_given": 1,
     "weight_decay": 0.01,
+    "betas": (0.9, 0.999),
+    "schedule": "constant",
 }
 
 
@@ -287,6 +291,22 @@ def test_stale_claims_are_taken_over_and_only_dead_temporaries_removed(tmp_path)
     assert left == {live.name, remote_live.name, remote_young.name, legacy.name,
                     store.claim_path(other.key).name}  # fmt: skip
     assert not dead.exists() and not remote_dead.exists()
+
+
+def test_the_longest_chain_of_runs_starts_first(tmp_path):
+    class Recording(LocalExecutor):
+        def submit(self, run, *args):
+            started.append(run.key)
+            return super().submit(run, *args)
+
+    started = []
+    short = tiny_base(steps=5)
+    long = tiny_base(steps=10, seed=1)
+    tuned = Run("reverse", method="prefix", base=long, steps=5)
+    assert long.work == 2 * short.work
+    run_sweep([short, long, tuned], Store(tmp_path), executor=Recording(1))
+    # long (and the run waiting for it) first; then the two short ones in the order given.
+    assert started == [long.key, short.key, tuned.key]
 
 
 def test_a_committed_result_is_never_replaced(tmp_path):
