@@ -54,12 +54,12 @@ def test_run_key_is_stable_across_processes():
 # The keys of the quick profile's experiments (every run and the base runs they need, as the
 # store names their directories). Existing stores must keep hitting their cached results, so a
 # change here retrains: make it only on purpose (a new recipe), never as a side effect of a
-# change to Run.spec(). Last changed: shorter budgets where the curves are flat, 04's batch-256
-# LoRA.
+# change to Run.spec(). Last changed: 02's bases at 3,000 steps and its prefixes at 300, 03's
+# prefix on hist at 500.
 QUICK_KEYS = {
     "paper01": "a4b2f08c595f6d3c",
-    "paper02": "3574e60d39f621a3",
-    "paper03": "17d2aea78b37c936",
+    "paper02": "df1cd4142cf43178",
+    "paper03": "ce2b603742cad778",
     "paper04": "844eb3ac66a965da",
     "study": "65fb87dabd596d5c",
     "theorem": "da53224655fb0b49",
