@@ -127,7 +127,6 @@ class _Sweep:
         self.every: set[str] = set()  # the sweep's keys, finished or not
         for run in runs:
             self._add(run)
-        self._longest_chain_first()
         self.outcome = Outcome()
         self.attempts: dict[str, int] = {}
         self.done = 0  # runs finished while this sweep ran, here or by another process
@@ -143,18 +142,6 @@ class _Sweep:
         if key not in self.todo and not self.store.has(key):
             self.todo[key] = run
             self.base_key[key] = run.base.key if run.base is not None else None
-
-    def _longest_chain_first(self) -> None:
-        """Order the pending runs by the work of the longest chain each one starts (itself and
-        the runs that wait for it): started first, the long chains no longer leave a slot idle
-        at the end while the last of them trains alone. Order changes no run's result."""
-        chain: dict[str, int] = {}
-        for key in reversed(list(self.todo)):  # every run after its base, so tuned runs first
-            chain[key] = chain.get(key, 0) + self.todo[key].work
-            base = self.base_key[key]
-            if base in self.todo:
-                chain[base] = max(chain.get(base, 0), chain[key])
-        self.todo = dict(sorted(self.todo.items(), key=lambda item: -chain[item[0]]))
 
     def _in_flight(self) -> set[str]:
         return {key for key, _ in self.running.values()}

@@ -152,21 +152,6 @@ class Run:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
-    def work(self) -> int:
-        """Training work in multiply-adds, roughly: tokens seen x the model's weights used per
-        token (its base's model for a tuning run). For ordering runs, not for timing them."""
-        root = self
-        while root.base is not None:
-            root = root.base
-        tokens = self.steps * self.batch_size * get_task(self.task).seq_len
-        try:
-            cfg = preset(root.preset, **dict(root.model))
-        except (TypeError, ValueError):  # it fails when it trains, where its error is recorded
-            return tokens
-        d, d_mlp = cfg.d_model, cfg.d_mlp or 4 * cfg.d_model
-        return tokens * (cfg.n_layers * (4 * d * d + 2 * d * d_mlp) + d * cfg.d_vocab)
-
-    @property
     def label(self) -> str:
         method = self.method or f"pretrain[{self.preset}]"
         return f"{method} {self.task} seed {self.seed}"

@@ -18,11 +18,10 @@ import pytest
 from helpers import store_bytes, without_seconds
 
 from analysis import report
-from analysis.executors import LocalExecutor
 from analysis.experiments import EXPERIMENTS, ledger
 from analysis.report import PROFILES
 from analysis.reproduce import reproduce
-from analysis.runs import RUN_THREADS, Run, Store, execute, run_all, run_sweep, variant
+from analysis.runs import RUN_THREADS, Run, Store, execute, run_all, variant
 from prefix_probe.cli import main
 from probe import io, train
 
@@ -291,22 +290,6 @@ def test_stale_claims_are_taken_over_and_only_dead_temporaries_removed(tmp_path)
     assert left == {live.name, remote_live.name, remote_young.name, legacy.name,
                     store.claim_path(other.key).name}  # fmt: skip
     assert not dead.exists() and not remote_dead.exists()
-
-
-def test_the_longest_chain_of_runs_starts_first(tmp_path):
-    class Recording(LocalExecutor):
-        def submit(self, run, *args):
-            started.append(run.key)
-            return super().submit(run, *args)
-
-    started = []
-    short = tiny_base(steps=5)
-    long = tiny_base(steps=10, seed=1)
-    tuned = Run("reverse", method="prefix", base=long, steps=5)
-    assert long.work == 2 * short.work
-    run_sweep([short, long, tuned], Store(tmp_path), executor=Recording(1))
-    # long (and the run waiting for it) first; then the two short ones in the order given.
-    assert started == [long.key, short.key, tuned.key]
 
 
 def test_a_committed_result_is_never_replaced(tmp_path):
