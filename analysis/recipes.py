@@ -153,8 +153,8 @@ def _lora_trials(p: Profile, bases: list[Run], old_base: Run) -> list[Trial]:
 
 def _slow_base_trials(p: Profile, bases: list[Run]) -> list[Trial]:
     """LoRA on hist from seed 2's base, where every method leaves the 1% floor late: the
-    optimiser settings that could shorten a plateau, each at half the budget, against the
-    chosen recipe from seed 0's base and from seed 2's."""
+    settings that could shorten a plateau, at half the experiment's budget or at all of it,
+    beside the chosen recipe from seed 2's base and seed 1's, and seed 0's at half."""
     if len(bases) < 3:
         return []
     group = "LoRA -> hist, seed 2's base"
