@@ -271,8 +271,8 @@ def report(store: Store, figures_dir: Path, p: Profile = QUICK) -> Path:
             "",
             "Seed 0 unless a label names another; one thread per run. Accuracy is held-out "
             f"exact match on {CURVE_SEQUENCES} test sequences at each curve point (the mix4 "
-            "base: with the first output token given). The trials were trained in two "
-            "sessions on a shared 2-core machine (load 2-6), so the seconds, training time "
+            "base: with the first output token given). The trials were trained on a 2-core "
+            "machine, some beside other work (load 2-4), so the seconds, training time "
             "without the evaluations, are inflated and noisy and compare only trials trained "
             "side by side; "
             "steps and sequences compare across all. The chosen LoRA and study rows are the "
@@ -298,10 +298,18 @@ def plot(store: Store, done: list[Trial], path: Path) -> None:
         2, len(groups), figsize=(4.6 * len(groups), 9.0), squeeze=False, sharey=True
     )
     for col, group in enumerate(groups):
-        for t in (t for t in done if t.group == group):
+        members = [t for t in done if t.group == group]
+        # Beyond ten curves the default cycle repeats its colours; tab20 keeps each distinct.
+        colors = plt.cm.tab10.colors if len(members) <= 10 else plt.cm.tab20.colors
+        for i, t in enumerate(members):
             h = store.result(t.run)["history"]
             acc = [100 * p["accuracy"] for p in h]
-            style = {"lw": 2.6 if t.chosen else 1.2, "marker": ".", "ms": 3}
+            style = {
+                "lw": 2.6 if t.chosen else 1.2,
+                "marker": ".",
+                "ms": 3,
+                "color": colors[i % len(colors)],
+            }
             for row, key in enumerate(("sequences", "seconds")):
                 axes[row, col].plot(np.array([p[key] for p in h]), acc, label=t.label, **style)
         axes[0, col].set_title(group)
