@@ -107,6 +107,8 @@ class Run:
             object.__setattr__(self, name, _pairs(getattr(self, name)))
         if self.betas is not None:
             object.__setattr__(self, "betas", tuple(self.betas))
+        if self.betas is not None or self.schedule is not None:
+            self.train_config("cpu")  # fail at spec time on bad optimiser settings
         get_task(self.task)  # fail at spec time on an unknown task
         for name in self.eval_tasks:
             get_task(name)

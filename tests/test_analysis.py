@@ -135,6 +135,13 @@ def test_run_key_changes_with_every_field(field):
         assert variant(tuned, **{field: CHANGES[field]}).key != tuned.key
 
 
+def test_bad_optimiser_settings_fail_when_the_run_is_specified():
+    with pytest.raises(ValueError, match="schedule must be 'cosine' or 'constant'"):
+        tiny_base(schedule="linear")
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        tiny_base(betas=(0.9, 1.5))
+
+
 def test_run_key_changes_with_method_and_base():
     base = tiny_base()
     tuned = Run("reverse", preset="tiny", method="prefix", base=base, steps=20)
