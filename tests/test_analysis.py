@@ -58,15 +58,15 @@ def test_run_key_is_stable_across_processes():
 QUICK_KEYS = {
     "paper01": "a4b2f08c595f6d3c",
     "paper02": "df1cd4142cf43178",
-    "paper03": "ce2b603742cad778",
-    "paper04": "844eb3ac66a965da",
+    "paper03": "b717bdc27f6012d6",
+    "paper04": "89940136a4f6af56",
     "study": "65fb87dabd596d5c",
     "theorem": "da53224655fb0b49",
     "constructions": "e3b0c44298fc1c14",  # trains nothing: the digest of no keys
     "capacity": "c1e2555c83adb9b9",  # paper01's bases: nothing trained of its own
-    "prefix_spread": "eb2cf9a28477b8c6",
-    "sweeps": "0fd387ab0e86a1b7",
-    "ledger": "653d940be1d01912",
+    "prefix_spread": "0923f8fa800ee274",
+    "sweeps": "43e6f6b355ce033f",
+    "ledger": "2e5e43d0b42e13b9",
     "atlas": "a4230fc451570ce9",  # opt-in; shares study's and paper01's runs and bases
 }
 
