@@ -35,10 +35,11 @@ evenly spaced layers (first and last kept). The page states both.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
-import secrets
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -299,11 +300,18 @@ def _asset(name: str) -> str:
     return resources.files("probe").joinpath("view_static", name).read_text(encoding="utf-8")
 
 
+_ISSUED: Counter[str] = Counter()  # fragment ids handed out in this process, by content
+
+
 def html_fragment(data: Mapping) -> str:
     """A self-contained <div> with the view's CSS, script and data (no network access), for a
     notebook cell or to embed in a page; several may share one page."""
-    uid = "ppv-" + secrets.token_hex(4)
     blob = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # Named by its content, so a regenerated page is byte-identical; a repeat in this process
+    # (the same view twice in one notebook) gets a suffix, since ids must be unique on a page.
+    key = hashlib.sha256(blob.encode()).hexdigest()[:8]
+    repeat, _ISSUED[key] = _ISSUED[key], _ISSUED[key] + 1
+    uid = f"ppv-{key}" + (f"-{repeat}" if repeat else "")
     return (
         f'<div class="ppv" id="{uid}"></div>\n'
         f"<style>{_asset('view.css')}</style>\n"

@@ -5,7 +5,10 @@ errors, a non-blank screenshot."""
 
 import copy
 import io
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,6 +153,21 @@ def test_page_is_self_contained(page_data, tmp_path):
     fragment = page_data._repr_html_()  # the notebook's inline form: a div, CSS, script, data
     assert fragment.startswith('<div class="ppv" id="ppv-') and "<html" not in fragment
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_page_bytes_depend_on_the_data_alone():
+    """A regenerated page is byte-identical (its element ids come from its content), while the
+    same view shown twice in one notebook still gets two distinct ids."""
+    script = "from probe.view import html_page; print(html_page({'n': 1}))"
+    pages = [
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    ]
+    assert pages[0] == pages[1] and 'id="ppv-' in pages[0]
+    ids = {re.search(r'id="(ppv-[^"]+)"', pv.html_fragment({"n": 2})).group(1) for _ in range(2)}
+    assert len(ids) == 2
 
 
 def test_cli_writes_a_page(tmp_path, capsys):
