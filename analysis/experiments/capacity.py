@@ -60,7 +60,7 @@ def config(p: Profile) -> C.CapacityConfig:
 def bases(p: Profile) -> dict[str, Run]:
     """Paper 01's base runs, and from the full profile on paper 03's too (the same Run objects:
     the same keys). The quick profile keeps to paper 01's three: paper 03's bases are 2-layer
-    models pretrained 4,000 steps each, and their soft tokens cost three times as much."""
+    models pretrained 3,000 steps each there, and their soft tokens cost three times as much."""
     out = {f"01 seed {r.seed}": r for r in paper01.base_runs(p)}
     if p.name in ("full", "paper"):
         out.update({f"03 seed {r.seed}": r for r in paper03.base_runs(p)})
