@@ -82,11 +82,10 @@ def model_name(p: Profile) -> str:
 # composition.
 BASE = dict(batch_size=64, warmup=200, lr=6e-3)
 # Steps as (smoke, quick, paper, full). The base's own curves are flat by 3,000 steps, but
-# what a prefix can compose on it still moves: on 4,000-step bases the composition prefix
-# reached 99 / 64 / 30% at 2,000 steps, on 3,000-step bases 99 / 97 / 62%, with every
-# pretraining-task prefix at 97% or more; on 2,000-step bases one sort_desc prefix stopped at
-# 94%. The full profile keeps the 4,000-step bases it was measured on and doubles the new tasks'
-# budget (docs/guides/experiments.md, "03's bases").
+# what a prefix can compose on it still moves with its length: longer bases compose worse on
+# some seeds, shorter ones hold a pretrained skill too weakly for its prefix to reach 95%
+# (docs/guides/experiments.md, "03's bases"). The full profile keeps the 4,000-step bases it
+# was measured on and doubles the new tasks' budget.
 BASE_STEPS = (40, 3000, 40000, 4000)
 # Prefixes on the pretraining tasks reach 97-100% within 100 steps (figures/paper03_curves.png),
 # so the full profile keeps that budget.
