@@ -124,7 +124,27 @@ FLAT = 0.02  # a curve that rose less than 2 points over its last quarter has fl
 
 def curve_note(store: Store, runs: list[Run], target: float | None = None) -> str:
     """'flat' or 'still rising (+x pp over the last quarter)' for a group of seeds, and, when
-    rising toward ``target``, the step a linear extrapolation of the last quarter reaches it."""
+    rising toward ``target``, the step a linear extrapolation of the last quarter reaches it.
+    Runs that stopped at their own ``target_accuracy`` are named with the step they stopped at:
+    their curves end on a rise by design, which says nothing about a cut-off."""
+    results = [store.result(r) for r in runs]
+    stopped = [
+        (r, res["steps"])
+        for r, res in zip(runs, results, strict=True)
+        if r.target_accuracy is not None and res["steps"] < r.steps
+    ]
+    if not stopped:
+        return _cut_off_note(store, runs, target)
+    target_pct = 100 * stopped[0][0].target_accuracy
+    steps = " / ".join(f"{s:,}" for _, s in stopped)
+    note = f"{len(stopped)} of {len(runs)} stopped at the {target_pct:.0f}% target (steps {steps})"
+    if len(stopped) == len(runs):
+        return note
+    cut_off = [r for r, res in zip(runs, results, strict=True) if res["steps"] == r.steps]
+    return f"{_cut_off_note(store, cut_off, target)}; {note}"
+
+
+def _cut_off_note(store: Store, runs: list[Run], target: float | None) -> str:
     rises = [rise(store.result(r)["history"]) for r in runs]
     worst = max(rises)
     if worst < FLAT:

@@ -59,7 +59,7 @@ QUICK_KEYS = {
     "paper01": "a4b2f08c595f6d3c",
     "paper02": "df1cd4142cf43178",
     "paper03": "b717bdc27f6012d6",
-    "paper04": "89940136a4f6af56",
+    "paper04": "3336d7ef61598566",
     "study": "65fb87dabd596d5c",
     "theorem": "da53224655fb0b49",
     "constructions": "e3b0c44298fc1c14",  # trains nothing: the digest of no keys
@@ -367,26 +367,50 @@ def test_reproduce_smoke_end_to_end(tmp_path):
 
 
 class FakeStore:
-    """Just enough of a Store for curve_note: result(run)["history"]."""
+    """Just enough of a Store for curve_note: result(run) with its history and steps trained."""
 
-    def __init__(self, histories: dict[str, list[tuple[int, float]]]):
+    def __init__(self, histories: dict[Run, list[tuple[int, float]]]):
         self.histories = histories
 
-    def result(self, run: str) -> dict:
+    def result(self, run: Run) -> dict:
         points = self.histories[run]
-        return {"history": [{"step": s, "accuracy": a} for s, a in points]}
+        history = [{"step": s, "accuracy": a} for s, a in points]
+        return {"history": history, "steps": history[-1]["step"]}
 
 
 def test_curve_note_tells_flat_from_rising_and_extrapolates():
-    flat = [(100, 0.2), (200, 0.5), (300, 0.60), (400, 0.61)]
-    rising = [(100, 0.1), (200, 0.2), (300, 0.3), (400, 0.4)]  # +10 pp per 100 steps
-    store = FakeStore({"flat": flat, "rising": rising})
-    assert report.rise(store.result("flat")["history"]) == pytest.approx(0.01)
-    assert report.curve_note(store, ["flat"]) == "flat"
-    note = report.curve_note(store, ["rising"], target=0.8)
+    flat, rising = Run("sort_asc", steps=400), Run("sort_asc", steps=400, seed=1)
+    store = FakeStore(
+        {
+            flat: [(100, 0.2), (200, 0.5), (300, 0.60), (400, 0.61)],
+            rising: [(100, 0.1), (200, 0.2), (300, 0.3), (400, 0.4)],  # +10 pp per 100 steps
+        }
+    )
+    assert report.rise(store.result(flat)["history"]) == pytest.approx(0.01)
+    assert report.curve_note(store, [flat]) == "flat"
+    note = report.curve_note(store, [rising], target=0.8)
     assert note.startswith("still rising (+10.0 pp")
     assert "reaches 80% near step 800" in note  # 0.4 + 0.1 per 100 steps
-    assert report.curve_note(store, ["flat", "rising"]).startswith("still rising")
+    assert report.curve_note(store, [flat, rising]).startswith("still rising")
+
+
+def test_curve_note_names_runs_that_stopped_at_their_target_instead_of_calling_them_cut_off():
+    target = Run("sort_asc", steps=1000, target_accuracy=0.95)
+    early, whole = variant(target, seed=1), variant(target, seed=2)
+    no_target = Run("sort_asc", steps=400)
+    store = FakeStore(
+        {
+            early: [(100, 0.2), (200, 0.9), (300, 0.96)],  # rising steeply when it stopped
+            whole: [(500, 0.5), (1000, 0.9)],  # ran its whole budget: cut off, not stopped
+            no_target: [(100, 0.1), (200, 0.2), (300, 0.3), (400, 0.4)],
+        }
+    )
+    assert report.curve_note(store, [early]) == "1 of 1 stopped at the 95% target (steps 300)"
+    assert report.curve_note(store, [whole]).startswith("still rising (+40.0 pp")
+    assert report.curve_note(store, [no_target, early]) == (
+        "still rising (+10.0 pp over the last quarter); 1 of 2 stopped at the 95% target "
+        "(steps 300)"
+    )
 
 
 def test_full_profile_defaults_to_quick_and_unknown_profiles_are_refused():
