@@ -12,9 +12,13 @@ accuracy, in optimiser steps, sequences seen and wall-clock seconds:
   composition sort_asc_add1 (learning rate, weight decay), LoRA on the paper's targets on the
   new task hist (rank, learning rate, weight decay);
 - LoRA on the study's sort_asc base tuned to reverse (learning rate, rank, targets, weight
-  decay).
+  decay);
+- on every seed, how long the 03 bases pretrain (the composition prefix on each), and 04's
+  methods on hist from 04's own bases (LoRA at more steps or rank, full fine-tuning's budget).
 
-Runs live in the quick profile's store, so the chosen recipes are the very runs the experiments
+The first four searches ran on the 4,000-step 03 bases the quick profile had then, which the full
+profile still pretrains; the last two on the quick profile's own. Runs live in the profile's
+store, so the trials on its own bases that are marked chosen are the very runs the experiments
 use (trained once). Results go to ``figures/recipes.md`` and ``figures/recipes.png``.
 """
 
@@ -61,9 +65,16 @@ def base_label(run: Run) -> str:
     return f"lr {run.effective_lr:g}, batch {run.batch_size}, dropout {dropout:g}"
 
 
+def searched_bases(p: Profile) -> list[Run]:
+    """The 03 bases the recipe search ran on: for the quick profile the 4,000-step bases it had
+    then (the full profile's still), since its own were cut to 3,000 steps after the search (the
+    group "03 bases' length" shows why); profile ``p``'s own otherwise."""
+    return paper03.base_runs(PROFILES["full"] if p.name == "quick" else p)
+
+
 def trials(p: Profile = QUICK) -> list[Trial]:
-    """The search, on profile ``p``'s runs (quick: the very runs the experiments use)."""
-    bases = paper03.base_runs(p)
+    """The search, on the runs of profile ``p`` it ran on."""
+    bases = searched_bases(p)
     # The first chosen base trained at batch 128; the adapter trials before weight decay was
     # dropped ran on it (their keys stay those runs').
     old_base = variant(bases[0], batch_size=128)
@@ -73,6 +84,8 @@ def trials(p: Profile = QUICK) -> list[Trial]:
         *_lora_trials(p, bases, old_base),
         *_slow_base_trials(p, bases),
         *_reverse_trials(p),
+        *_base_length_trials(p),
+        *_hist_trials(p),
     ]
 
 
@@ -215,6 +228,53 @@ def _reverse_trials(p: Profile) -> list[Trial]:
     return out
 
 
+def _base_length_trials(p: Profile) -> list[Trial]:
+    """The composition prefix on 03 bases pretrained for different lengths, every seed: how
+    long a base pretrains decides what a prefix composes on it, long after its own curve is
+    flat. The 4-layer bases have the paper's depth at the quick profile's width."""
+    if p.name != "quick":
+        return []
+    group = "03 bases' length -> sort_asc_add1 prefix"
+    four_layers = {**dict(paper03.model_overrides(p)), "n_layers": 4}
+    out = []
+    for base in paper03.base_runs(p):
+        shapes = [
+            ("2,000-step bases", variant(base, steps=2000)),
+            (f"{base.steps:,}-step bases", base),
+            ("4,000-step bases", variant(base, steps=4000)),
+            ("4-layer, 2,000-step bases", variant(base, steps=2000, model=four_layers)),
+        ]
+        for label, on in shapes:
+            run = paper03.tuned(p, on, "sort_asc_add1")
+            out.append(Trial(group, f"seed {base.seed}, {label}", run, chosen=on == base))
+    return out
+
+
+def _hist_trials(p: Profile) -> list[Trial]:
+    """04's methods on hist from 04's own bases, every seed: its LoRA, and the same at three
+    times the steps or four times the rank (not the experiment's equal count); full fine-tuning
+    at its old budget and its chosen one (a longer decay, stopped at its target)."""
+    if p.name != "quick":
+        return []
+    lora_group, full_group = "LoRA -> hist on 04's bases", "full fine-tuning -> hist on 04's bases"
+    loras, fulls = [], []
+    for base in paper03.base_runs(p):
+        lora, full = paper04.tuned(p, base, "lora"), paper04.tuned(p, base, "full")
+        seed = f"seed {base.seed}: "
+        loras.append(Trial(lora_group, f"{seed}rank 4, {lora.steps} steps", lora, chosen=True))
+        if base.seed > 0:  # the seeds short of the bar
+            longer = variant(lora, steps=3 * lora.steps, target_accuracy=0.95)
+            loras.append(Trial(lora_group, f"{seed}rank 4, {longer.steps} steps", longer))
+        if base.seed == 2:
+            wider = variant(lora, options={**dict(lora.options), "rank": 16})
+            loras.append(Trial(lora_group, f"{seed}rank 16, {wider.steps} steps", wider))
+        old = variant(full, steps=1500, target_accuracy=None)
+        fulls.append(Trial(full_group, f"{seed}1500 steps", old))
+        label = f"{seed}up to {full.steps} steps, stop at 95%"
+        fulls.append(Trial(full_group, label, full, chosen=True))
+    return loras + fulls
+
+
 def milestone(history: list[dict], level: float, key: str) -> str:
     """The first point's ``key`` (step, sequences, seconds) at which accuracy >= level."""
     for h in history:
@@ -258,6 +318,7 @@ def report(store: Store, figures_dir: Path, p: Profile = QUICK) -> Path:
         ],
         rows,
     )
+    searched, own = searched_bases(p)[0].steps, paper03.base_runs(p)[0].steps
     figure = figures_dir / "recipes.png"
     plot(store, done, figure)
     text = "\n".join(
@@ -275,8 +336,11 @@ def report(store: Store, figures_dir: Path, p: Profile = QUICK) -> Path:
             "machine, some beside other work (load 2-4), so the seconds, training time "
             "without the evaluations, are inflated and noisy and compare only trials trained "
             "side by side; "
-            "steps and sequences compare across all. The chosen LoRA and study rows are the "
-            "experiments' own runs; the other chosen rows are at half the experiment's budget.",
+            "steps and sequences compare across all. The mix4 base, prefix and first two LoRA "
+            f"searches ran on the {searched:,}-step 03 bases the quick profile had then (the "
+            "full profile's); their chosen adapter rows are at half the experiment's budget or "
+            "on those bases. The study's chosen rows and those of the last two searches, on the "
+            f"quick profile's own {own:,}-step bases, are the experiments' own runs.",
             "",
             table,
             "",
@@ -292,15 +356,30 @@ def report(store: Store, figures_dir: Path, p: Profile = QUICK) -> Path:
     return path
 
 
+PANELS_PER_ROW = 4
+
+
 def plot(store: Store, done: list[Trial], path: Path) -> None:
+    """One column per group, at most PANELS_PER_ROW to a row: accuracy against sequences seen
+    above accuracy against training seconds, the group's legend below them."""
     groups = list(dict.fromkeys(t.group for t in done))
-    fig, axes = plt.subplots(
-        2, len(groups), figsize=(4.6 * len(groups), 9.0), squeeze=False, sharey=True
-    )
-    for col, group in enumerate(groups):
+    ncols = min(PANELS_PER_ROW, len(groups))
+    bands = [groups[i : i + ncols] for i in range(0, len(groups), ncols)]
+    # Each band: two rows of curves, then a row as tall as its longest legend (7-point lines).
+    legend_heights = [0.5 + 0.15 * max(sum(t.group == g for t in done) for g in b) for b in bands]
+    heights = [h for legend in legend_heights for h in (3.4, 3.4, legend)]
+    fig = plt.figure(figsize=(4.8 * ncols, sum(heights) + 0.8), layout="constrained")
+    grid = fig.add_gridspec(len(heights), ncols, height_ratios=heights)
+    first = None
+    for index, group in enumerate(groups):
+        band, col = divmod(index, ncols)
+        rows = [fig.add_subplot(grid[3 * band + r, col], sharey=first) for r in (0, 1)]
+        first = first or rows[0]
         members = [t for t in done if t.group == group]
-        # Beyond ten curves the default cycle repeats its colours; tab20 keeps each distinct.
-        colors = plt.cm.tab10.colors if len(members) <= 10 else plt.cm.tab20.colors
+        # Beyond ten curves the default cycle repeats its colours; tab20 keeps each distinct,
+        # its ten dark shades first so that no two neighbours differ only in lightness.
+        tab20 = plt.cm.tab20.colors
+        colors = plt.cm.tab10.colors if len(members) <= 10 else tab20[::2] + tab20[1::2]
         for i, t in enumerate(members):
             h = store.result(t.run)["history"]
             acc = [100 * p["accuracy"] for p in h]
@@ -310,26 +389,21 @@ def plot(store: Store, done: list[Trial], path: Path) -> None:
                 "ms": 3,
                 "color": colors[i % len(colors)],
             }
-            for row, key in enumerate(("sequences", "seconds")):
-                axes[row, col].plot(np.array([p[key] for p in h]), acc, label=t.label, **style)
-        axes[0, col].set_title(group)
-        axes[0, col].set_xlabel("sequences seen")
-        axes[1, col].set_xlabel("training seconds (1 thread)")
-        # Below the panels, so that no label hides a curve.
-        axes[1, col].legend(
-            *axes[0, col].get_legend_handles_labels(),
-            fontsize=7,
-            loc="upper left",
-            bbox_to_anchor=(-0.05, -0.2),
-            frameon=False,
+            for ax, key in zip(rows, ("sequences", "seconds"), strict=True):
+                ax.plot(np.array([p[key] for p in h]), acc, label=t.label, **style)
+        rows[0].set_title(group)
+        rows[0].set_xlabel("sequences seen")
+        rows[1].set_xlabel("training seconds (1 thread)")
+        rows[0].xaxis.set_major_formatter(EngFormatter(sep=""))  # 100k, not 100000
+        for ax in rows:
+            ax.grid(alpha=0.3)
+            ax.set_ylabel("held-out exact match (%)")
+        legend = fig.add_subplot(grid[3 * band + 2, col])
+        legend.axis("off")
+        legend.legend(
+            *rows[0].get_legend_handles_labels(), fontsize=7, loc="upper left", frameon=False
         )
-        axes[0, col].xaxis.set_major_formatter(EngFormatter(sep=""))  # 100k, not 100000
-        for row in (0, 1):
-            axes[row, col].grid(alpha=0.3)
-    for row in (0, 1):
-        axes[row, 0].set_ylabel("held-out exact match (%)")
     fig.suptitle("Time to accuracy of each recipe (seed 0 unless the label names another)")
-    fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
