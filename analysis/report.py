@@ -122,11 +122,11 @@ def rise(history: list[dict], tail: float = 0.25) -> float:
 FLAT = 0.02  # a curve that rose less than 2 points over its last quarter has flattened
 
 
-def curve_note(store: Store, runs: list[Run], target: float | None = None) -> str:
-    """'flat' or 'still rising (+x pp over the last quarter)' for a group of seeds, and, when
-    rising toward ``target``, the step a linear extrapolation of the last quarter reaches it.
-    Runs that stopped at their own ``target_accuracy`` are named with the step they stopped at:
-    their curves end on a rise by design, which says nothing about a cut-off."""
+def curve_note(store: Store, runs: list[Run]) -> str:
+    """'flat' or 'still rising (+x pp over the last quarter)' for a group of seeds. Runs that
+    stopped at their own ``target_accuracy`` are named with the step they stopped at: their
+    curves end on a rise by design, which says nothing about a cut-off. No end point is
+    extrapolated: these curves plateau and rise late, so a straight line says nothing."""
     results = [store.result(r) for r in runs]
     stopped = [
         (r, res["steps"])
@@ -134,30 +134,21 @@ def curve_note(store: Store, runs: list[Run], target: float | None = None) -> st
         if r.target_accuracy is not None and res["steps"] < r.steps
     ]
     if not stopped:
-        return _cut_off_note(store, runs, target)
+        return _cut_off_note(store, runs)
     target_pct = 100 * stopped[0][0].target_accuracy
     steps = " / ".join(f"{s:,}" for _, s in stopped)
     note = f"{len(stopped)} of {len(runs)} stopped at the {target_pct:.0f}% target (steps {steps})"
     if len(stopped) == len(runs):
         return note
     cut_off = [r for r, res in zip(runs, results, strict=True) if res["steps"] == r.steps]
-    return f"{_cut_off_note(store, cut_off, target)}; {note}"
+    return f"{_cut_off_note(store, cut_off)}; {note}"
 
 
-def _cut_off_note(store: Store, runs: list[Run], target: float | None) -> str:
-    rises = [rise(store.result(r)["history"]) for r in runs]
-    worst = max(rises)
+def _cut_off_note(store: Store, runs: list[Run]) -> str:
+    worst = max(rise(store.result(r)["history"]) for r in runs)
     if worst < FLAT:
         return "flat"
-    note = f"still rising (+{100 * worst:.1f} pp over the last quarter)"
-    if target is not None:
-        finals = [store.result(r)["history"][-1] for r in runs]
-        mean_final = statistics.mean(h["accuracy"] for h in finals)
-        slope = statistics.mean(rises) / (0.25 * finals[0]["step"])
-        if mean_final < target and slope > 0:
-            at = finals[0]["step"] + (target - mean_final) / slope
-            note += f"; a straight line through it reaches {100 * target:.0f}% near step {at:,.0f}"
-    return note
+    return f"still rising (+{100 * worst:.1f} pp over the last quarter)"
 
 
 def curve_caption(subject: str, lines: str = "one line per seed", note: str = "") -> str:

@@ -188,13 +188,12 @@ def measure(store: Store, p: Profile) -> Measured:
     bases = base_runs(p)
     tasks = PRETRAIN + NEW
     prefixes = {t: [tuned(p, b, t) for b in bases] for t in tasks}
-    target = {t: BARS["own"] for t in PRETRAIN} | {"sort_asc_add1": BARS["composition"]}
     hist = store.result(prefixes["hist"][0])
     return Measured(
         base={t: [accuracy(store, b, t) for b in bases] for t in tasks},
         skill={t: [store.result(b)["accuracy_given"][t] for b in bases] for t in tasks},
         own={t: [accuracy(store, r) for r in rs] for t, rs in prefixes.items()},
-        curve={t: curve_note(store, rs, target.get(t)) for t, rs in prefixes.items()},
+        curve={t: curve_note(store, rs) for t, rs in prefixes.items()},
         curves={"base": histories(store, bases)}
         | {t: histories(store, rs) for t, rs in prefixes.items()},
         n_params=hist["n_params"],

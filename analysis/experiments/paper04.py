@@ -157,8 +157,8 @@ def verdict(acc: dict[str, list[float]], curves: dict[str, str]) -> str:
 class Measured:
     """The numbers behind paper 04, each per method in METHODS order.
 
-    accuracy: held-out accuracy on hist per seed; curve: the state of its learning curves
-    (LoRA's with the step its bar would be reached at); curves: learning curves, one per seed;
+    accuracy: held-out accuracy on hist per seed; curve: the state of its learning curves;
+    curves: learning curves, one per seed;
     n_params: trained parameters; share: n_params / the base's parameters.
     """
 
@@ -175,10 +175,7 @@ def measure(store: Store, p: Profile) -> Measured:
     first = {m: store.result(rs[0]) for m, rs in by.items()}
     return Measured(
         accuracy={m: [accuracy(store, r) for r in rs] for m, rs in by.items()},
-        curve={
-            m: curve_note(store, rs, target=BARS.get(m) if m == "lora" else None)
-            for m, rs in by.items()
-        },
+        curve={m: curve_note(store, rs) for m, rs in by.items()},
         curves={m: histories(store, rs) for m, rs in by.items()},
         n_params={m: r["n_params"] for m, r in first.items()},
         share={m: r["n_params"] / r["base_params"] for m, r in first.items()},
