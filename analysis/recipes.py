@@ -17,9 +17,9 @@ accuracy, in optimiser steps, sequences seen and wall-clock seconds:
   methods on hist from 04's own bases (LoRA at more steps or rank, full fine-tuning's budget).
 
 The first four searches ran on the 4,000-step 03 bases the quick profile had then, which the full
-profile still pretrains; the last two on the quick profile's own. Runs live in the profile's
-store, so the trials on its own bases that are marked chosen are the very runs the experiments
-use (trained once). Results go to ``figures/recipes.md`` and ``figures/recipes.png``.
+profile still pretrains; the last three groups on the quick profile's own. Runs live in the
+profile's store, so the trials on its own bases that are marked chosen are the very runs the
+experiments use (trained once). Results go to ``figures/recipes.md`` and ``figures/recipes.png``.
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def report(store: Store, figures_dir: Path, p: Profile = QUICK) -> Path:
             "steps and sequences compare across all. The mix4 base, prefix and first two LoRA "
             f"searches ran on the {searched:,}-step 03 bases the quick profile had then (the "
             "full profile's); their chosen adapter rows are at half the experiment's budget or "
-            "on those bases. The study's chosen rows and those of the last two searches, on the "
+            "on those bases. The study's chosen rows and those of the last three groups, on the "
             f"quick profile's own {own:,}-step bases, are the experiments' own runs.",
             "",
             table,
